@@ -1,0 +1,214 @@
+"""The command line: a thin layer over the Python API. Printing lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import MnistlabError, UsageError
+from .models import list_models
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def index_range(text: str) -> tuple[int, int]:
+    """'A:B' (items A..B-1) or 'N' (item N)."""
+    try:
+        if ":" in text:
+            start, stop = text.split(":")
+            start, stop = int(start or 0), int(stop)
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP or an index, got {text!r}") from None
+    if start < 0 or stop <= start:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < STOP, got {text!r}")
+    return start, stop
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a run directory",
+                       description="Train a model as the seed does and write a run directory.")
+    p.add_argument("--model", default="cnn", choices=list_models(), help="registered model (default: cnn)")
+    p.add_argument("--epochs", type=positive_int, default=15, help="passes over the training part (default: 15)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per SGD step (default: 64)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="SGD learning rate (default: 0.5 for linear, 0.1 for cnn)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0 for linear, 0.9 for cnn)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and shuffling (default: 0)")
+    p.add_argument("--split", default="seed", choices=["seed", "standard"],
+                   help="seed: first 50,000 train / last 20,000 valid; standard: 60,000 / 10,000 (default: seed)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the four MNIST-format IDX files, gzip or raw (default: the shipped MNIST)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-YYYYmmdd-HHMMSS)")
+    p.add_argument("--force", action="store_true", help="overwrite the run in an existing --out directory")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto uses CUDA when available (default: auto)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="loss and accuracy of a run on its validation part")
+    p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predicted labels for validation items")
+    p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--valid", type=index_range, default=(0, 9), metavar="START:STOP",
+                   help="validation items to predict (default: 0:9, the seed's grid)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mnistlab", description="Train, inspect and use MNIST-style digit classifiers.")
+    parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    return parser
+
+
+def _progress(enabled: bool):
+    """Per-batch and per-epoch hooks: a tqdm bar on a terminal, one line per epoch otherwise."""
+    from tqdm import tqdm
+
+    state = {"bar": None, "sum": 0.0}
+
+    if not enabled:
+        return None
+
+    def on_batch(b: int, n: int, loss: float) -> None:
+        if b == 0:
+            state["bar"] = tqdm(total=n, leave=False, unit="batch", dynamic_ncols=True)
+            state["sum"] = 0.0
+        state["sum"] += loss
+        bar = state["bar"]
+        bar.update(1)
+        if b % 20 == 0 or b == n - 1:
+            bar.set_postfix(loss=f"{state['sum'] / (b + 1):.4f}", refresh=False)
+        if b == n - 1:
+            bar.close()
+
+    return on_batch
+
+
+def format_grid(grid: list[list[int]]) -> str:
+    return "[" + ",\n ".join(str(row) for row in grid) + "]"
+
+
+def cmd_train(args) -> int:
+    from .runs import train_run
+    from .train import TrainConfig
+
+    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         momentum=args.momentum, seed=args.seed, split=args.split, data_dir=args.data_dir,
+                         device=args.device)
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+    print(f"training {config.model}: {config.epochs} epochs, batch {config.batch_size}, "
+          f"SGD lr {config.lr} momentum {config.momentum}, split {config.split}, seed {config.seed}", flush=True)
+
+    def on_epoch(r: dict) -> None:
+        print(f"epoch {r['epoch']:>3}/{config.epochs}  train_loss {r['train_loss']:.4f}  "
+              f"valid_loss {r['valid_loss']:.4f}  valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s",
+              flush=True)
+
+    result = train_run(config, args.out, force=args.force, on_batch=_progress(interactive), on_epoch=on_epoch)
+    s = result.summary
+    print(f"predicted labels of validation images 0-8:\n{format_grid(s['grid_predictions'])}")
+    print(f"true labels:\n{format_grid(s['grid_labels'])}")
+    print(f"valid_acc {100 * s['valid_acc']:.2f}%  valid_loss {s['valid_loss']:.4f}  "
+          f"trained in {s['train_seconds']:.1f}s; run saved to {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .runs import evaluate_run
+
+    result = evaluate_run(args.run_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"valid_loss {result['valid_loss']:.4f}  valid_acc {100 * result['valid_acc']:.2f}%  "
+              f"({result['n_valid']} validation images)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .evaluate import predict_proba
+    from .runs import load_run_model, load_split
+
+    model, config = load_run_model(args.run_dir)
+    _, _, x_valid, y_valid = load_split(config)
+    start, stop = args.valid
+    if stop > len(x_valid):
+        raise UsageError(f"--valid {start}:{stop}: the validation part has {len(x_valid)} items (0:{len(x_valid)})")
+    proba = predict_proba(model, x_valid[start:stop])
+    preds = proba.argmax(axis=1)
+    rows = [{"index": start + i, "predicted": int(p), "label": int(y_valid[start + i]),
+             "probability": float(proba[i, p])} for i, p in enumerate(preds)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'index':>6}  {'pred':>4}  {'label':>5}  {'prob':>6}")
+    for r in rows:
+        mark = "" if r["predicted"] == r["label"] else "  wrong"
+        print(f"{r['index']:>6}  {r['predicted']:>4}  {r['label']:>5}  {r['probability']:>6.3f}{mark}")
+    correct = sum(r["predicted"] == r["label"] for r in rows)
+    print(f"{correct}/{len(rows)} correct")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MnistlabError as exc:
+        print(f"mnistlab {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mnistlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mnistlab {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""A run directory: train from a config and leave everything needed to understand and reuse it.
+
+Layout of ``RUN_DIR``::
+
+    config.json        the resolved TrainConfig
+    metrics.csv        one row per epoch (also metrics.jsonl, one JSON object per line)
+    model.safetensors  the weights; model.json: registry name and model config
+    summary.json       written last: its presence marks a finished run
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .data import Dataset, load_dataset, split
+from .errors import RunError, UsageError
+from .evaluate import evaluate, predict
+from .files import write_json_atomic, write_text_atomic
+from .models import count_parameters, create_model
+from .train import History, TrainConfig, fit, resolve_device
+
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META)
+METRIC_KEYS = ("epoch", "train_loss", "valid_loss", "valid_acc", "seconds")
+GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: torch.nn.Module
+    history: History
+    summary: dict
+
+
+def default_run_dir(model: str) -> Path:
+    return Path("runs") / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Create ``out``; refuse to reuse a non-empty directory unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {out}: directory exists and is not empty; pass --force to overwrite its run")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
+
+
+def _metrics_csv(history: History) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_KEYS, lineterminator="\n")
+    writer.writeheader()
+    for row in history.epochs:
+        writer.writerow({k: row[k] for k in METRIC_KEYS})
+    return buf.getvalue()
+
+
+def write_metrics(run_dir: Path, history: History) -> None:
+    write_text_atomic(run_dir / METRICS_CSV, _metrics_csv(history))
+    write_text_atomic(run_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history.epochs))
+
+
+def load_split(config: TrainConfig, dataset: Dataset | None = None):
+    """The run's ``x_train, y_train, x_valid, y_valid`` as uint8 images and int64 labels."""
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    return split(ds.images, ds.labels, config.split, n_train=ds.n_train)
+
+
+def train_run(
+    config: TrainConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    dataset: Dataset | None = None,
+    on_batch: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Train ``config`` end to end and write its run directory; returns the trained model too."""
+    config.validate()
+    device = resolve_device(config.device)
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    x_train, y_train, x_valid, y_valid = load_split(config, ds)
+    run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=ds.num_classes)
+    write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
+
+    history = History()
+
+    def epoch_done(record: dict) -> None:
+        history.epochs.append(record)
+        write_metrics(run_dir, history)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done)
+    train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
+    model.cpu()
+    checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
+    summary = make_summary(model, config, history, len(x_train), x_valid, y_valid, train_seconds, device)
+    write_json_atomic(run_dir / SUMMARY, summary)
+    return RunResult(run_dir, model, history, summary)
+
+
+def make_summary(model, config, history, n_train, x_valid, y_valid, train_seconds, device) -> dict:
+    rows, cols = GRID
+    n = min(rows * cols, len(x_valid))
+    last = history.epochs[-1]
+    return {
+        "model": config.model,
+        "epochs": len(history.epochs),
+        "train_loss": last["train_loss"],
+        "valid_loss": last["valid_loss"],
+        "valid_acc": last["valid_acc"],
+        "train_seconds": train_seconds,
+        "grid_predictions": _grid(predict(model, x_valid[:n]), cols),
+        "grid_labels": _grid(np.asarray(y_valid[:n]), cols),
+        "split": config.split,
+        "n_train": n_train,
+        "n_valid": len(x_valid),
+        "num_parameters": count_parameters(model),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+
+
+def _grid(values: np.ndarray, cols: int) -> list[list[int]]:
+    values = [int(v) for v in values]
+    return [values[i : i + cols] for i in range(0, len(values), cols)]
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory not found: {run_dir}")
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"{run_dir}: no {CONFIG}; not a run directory made by 'mnistlab train'")
+    return run_dir
+
+
+def read_config(run_dir: str | os.PathLike) -> TrainConfig:
+    run_dir = check_run_dir(run_dir)
+    try:
+        return TrainConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(f"{run_dir / CONFIG}: unreadable config ({exc})") from None
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    run_dir = check_run_dir(run_dir)
+    try:
+        return json.loads((run_dir / SUMMARY).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: no {SUMMARY}; the run did not finish") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{run_dir / SUMMARY}: unreadable summary ({exc})") from None
+
+
+def read_history(run_dir: str | os.PathLike) -> History:
+    path = check_run_dir(run_dir) / METRICS_JSONL
+    try:
+        return History([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: no {METRICS_JSONL}; no epoch finished") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable metrics ({exc})") from None
+
+
+def load_run_model(run_dir: str | os.PathLike):
+    """``(model, config)`` of a finished run, the model in eval mode on the CPU."""
+    config = read_config(run_dir)
+    model, _ = checkpoint.load_model(run_dir)
+    return model, config
+
+
+def evaluate_run(run_dir: str | os.PathLike, dataset: Dataset | None = None) -> dict:
+    """Loss and accuracy of a run's model on the validation part of its split."""
+    model, config = load_run_model(run_dir)
+    _, _, x_valid, y_valid = load_split(config, dataset)
+    result = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size)
+    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid)}

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real shipped MNIST, and small MNIST-format folders cut from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mnistlab.data import load_dataset
+from mnistlab.idx import write_idx
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """One cache for the whole session, outside the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MNISTLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    return load_dataset()
+
+
+def write_idx_dir(directory, train_images, train_labels, test_images, test_labels, gz=True):
+    directory.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    write_idx(directory / f"train-images-idx3-ubyte{ext}", train_images)
+    write_idx(directory / f"train-labels-idx1-ubyte{ext}", train_labels)
+    write_idx(directory / f"t10k-images-idx3-ubyte{ext}", test_images)
+    write_idx(directory / f"t10k-labels-idx1-ubyte{ext}", test_labels)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_dir(tmp_path_factory, mnist):
+    """600 training and 200 test images of real MNIST, as the four gzip IDX files."""
+    images = mnist.images.reshape(-1, 28, 28)
+    labels = mnist.labels.astype(np.uint8)
+    return write_idx_dir(tmp_path_factory.mktemp("small") / "mnist-small",
+                         images[:600], labels[:600], images[60000:60200], labels[60000:60200])

@@ -1,0 +1,164 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mnistlab import data
+from mnistlab.cli import main
+from mnistlab.idx import encode_idx
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_dir):
+    out = tmp_path_factory.mktemp("runs") / "cnn"
+    assert main(["train", "--data-dir", str(small_dir), "--epochs", "2", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "metrics.csv", "metrics.jsonl", "model.safetensors", "model.json",
+            "summary.json"} <= names
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("model", "epochs", "valid_loss", "valid_acc", "train_seconds", "grid_predictions", "grid_labels"):
+        assert key in summary
+    assert summary["model"] == "cnn" and summary["epochs"] == 2
+    assert summary["n_train"] == 571 and summary["n_valid"] == 229  # 800 rows split 5:2
+    assert np.array(summary["grid_predictions"]).shape == (3, 3)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lr"] == 0.1 and config["momentum"] == 0.9 and config["batch_size"] == 64
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,valid_loss,valid_acc,seconds" and len(lines) == 3
+    assert json.loads((run_dir / "model.json").read_text()) == {"name": "cnn", "config": {"num_classes": 10}}
+
+
+def test_train_prints_epochs_and_the_grid(tmp_path, small_dir, capsys):
+    out = tmp_path / "lin"
+    assert main(["train", "--model", "linear", "--data-dir", str(small_dir), "--epochs", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SGD lr 0.5 momentum 0.0" in text
+    assert "epoch   1/1  train_loss" in text and "valid_acc" in text
+    grid = json.loads((out / "summary.json").read_text())["grid_predictions"]
+    assert f"predicted labels of validation images 0-8:\n[{grid[0]}," in text
+
+
+def test_evaluate_matches_the_summary(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["valid_acc"] == pytest.approx(summary["valid_acc"])
+    assert result["valid_loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert "valid_acc" in capsys.readouterr().out
+
+
+def test_predict_validation_items(run_dir, capsys):
+    assert main(["predict", str(run_dir), "--valid", "0:9", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["predicted"] for r in rows] == sum(summary["grid_predictions"], [])
+    assert [r["label"] for r in rows] == sum(summary["grid_labels"], [])
+    assert main(["predict", str(run_dir), "--valid", "5"]) == 0
+    assert "correct" in capsys.readouterr().out
+
+
+def test_the_console_script_runs_as_a_module(run_dir):
+    out = subprocess.run([sys.executable, "-m", "mnistlab", "evaluate", str(run_dir)], capture_output=True, text=True)
+    assert out.returncode == 0 and "valid_acc" in out.stdout
+
+
+def _bad_idx_dir(tmp_path, small_dir, case):
+    d = tmp_path / case
+    d.mkdir()
+    for f in small_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    target = d / "train-labels-idx1-ubyte.gz"
+    if case == "magic":
+        target.write_bytes(b"\x00\x00\x08\x07" + b"\x00" * 20)
+    elif case == "truncated":
+        target.write_bytes(encode_idx(np.zeros(600, np.uint8))[:300])
+    elif case == "count":
+        target.write_bytes(encode_idx(np.zeros(599, np.uint8)))
+    elif case == "unreadable":
+        target.unlink()
+        target.mkdir()
+    elif case == "missing":
+        target.unlink()
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["train", "--model", "resnet"], 2, "argument --model: invalid choice: 'resnet'"),
+        (["train", "--epochs", "0"], 2, "argument --epochs: expected a positive integer, got '0'"),
+        (["train", "--batch-size", "-3"], 2, "argument --batch-size: expected a positive integer, got '-3'"),
+        (["train", "--lr", "0"], 2, "argument --lr: expected a positive number, got '0'"),
+        (["train", "--lr", "abc"], 2, "argument --lr: expected a positive number, got 'abc'"),
+        (["train", "--momentum", "2"], 2, "momentum must be a number in [0, 1), got 2.0"),
+        (["evaluate", "{tmp}/no-such-run"], 2, "run directory not found"),
+        (["predict", "{tmp}/no-such-run"], 2, "run directory not found"),
+        (["evaluate", "{tmp}"], 1, "not a run directory made by 'mnistlab train'"),
+        (["train", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/r"], 1, "data directory not found"),
+        (["predict", "{run}", "--valid", "9:3"], 2, "expected 0 <= START < STOP"),
+        (["predict", "{run}", "--valid", "0:100000"], 2, "the validation part has 229 items"),
+        (["train", "--out", "{run}", "--data-dir", "{small}"], 2, "directory exists and is not empty; pass --force"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_status(tmp_path, run_dir, small_dir, capsys, args, code, message):
+    args = [a.format(tmp=tmp_path, run=run_dir, small=small_dir) for a in args]
+    assert run_cli(args) == code
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def run_cli(args) -> int:
+    """Exit status of ``mnistlab ARGS`` run in this process (argparse exits, commands return)."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("magic", "wrong IDX magic number 0x00000807"),
+        ("truncated", "truncated data"),
+        ("count", "600 images but 599 labels"),
+        ("unreadable", "data file is a directory"),
+        ("missing", "missing train-labels-idx1-ubyte.gz"),
+    ],
+)
+def test_bad_data_files_exit_1_with_one_line(tmp_path, small_dir, capsys, case, message):
+    d = _bad_idx_dir(tmp_path, small_dir, case)
+    assert main(["train", "--data-dir", str(d), "--epochs", "1", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+def test_hash_mismatch_exits_1(tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for f in data.SHIPPED_DIR.iterdir():
+        (shipped / f.name).write_bytes(f.read_bytes())
+    (shipped / "t10k-labels-idx1-ubyte.gz").write_bytes(encode_idx(np.zeros(10000, np.uint8)))
+    monkeypatch.setattr(data, "SHIPPED_DIR", shipped)
+    monkeypatch.setenv("MNISTLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "SHA-256" in err and "reinstall mnistlab" in err and len(err.strip().splitlines()) == 1
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "mnistlab", "train", "--epochs", "-1"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("mnistlab train: error: argument --epochs: expected a positive integer, "
+                                  "got '-1' (see --help)")
