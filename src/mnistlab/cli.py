@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import MnistlabError, UsageError
@@ -93,6 +94,33 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="draw dataset images to a PNG (default: the first training example)")
+    p.add_argument("--index", type=int, default=0, help="first image to draw (default: 0)")
+    p.add_argument("--part", default="train", choices=["train", "valid"], help="part of the split (default: train)")
+    p.add_argument("--grid", type=positive_int, nargs=2, metavar=("ROWS", "COLS"), default=None,
+                   help="draw ROWS x COLS images starting at --index (default: one image)")
+    p.add_argument("--split", default="seed", choices=["seed", "standard"], help="the split (default: seed)")
+    p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")
+    p.add_argument("--out", default=None, help="PNG file to write (default: PART-INDEX.png)")
+    p.set_defaults(func=cmd_show)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html, one self-contained page")
+    p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="validation curves and final figures of several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories made by 'mnistlab train'")
+    p.add_argument("--out", default="compare.png", help="picture to write (default: compare.png)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnistlab", description="Train, inspect and use MNIST-style digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
@@ -100,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_show(sub)
+    _add_report(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -162,9 +193,14 @@ def cmd_evaluate(args) -> int:
     result = evaluate_run(args.run_dir)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"valid_loss {result['valid_loss']:.4f}  valid_acc {100 * result['valid_acc']:.2f}%  "
-              f"({result['n_valid']} validation images)")
+        return 0
+    print(f"valid_loss {result['valid_loss']:.4f}  valid_acc {100 * result['valid_acc']:.2f}%  "
+          f"({result['n_valid']} validation images)\n")
+    print(f"{'class':>5}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}")
+    for r in result["per_class"]:
+        print(f"{r['class']:>5}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7}")
+    pairs = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in result["most_confused"])
+    print(f"\nmost confused (true->predicted): {pairs or 'none'}")
     return 0
 
 
@@ -190,6 +226,68 @@ def cmd_predict(args) -> int:
         print(f"{r['index']:>6}  {r['predicted']:>4}  {r['label']:>5}  {r['probability']:>6.3f}{mark}")
     correct = sum(r["predicted"] == r["label"] for r in rows)
     print(f"{correct}/{len(rows)} correct")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from . import plots
+    from .data import load_dataset, split
+
+    ds = load_dataset(args.data_dir)
+    x_train, y_train, x_valid, y_valid = split(ds.images, ds.labels, args.split, n_train=ds.n_train)
+    images, labels = (x_train, y_train) if args.part == "train" else (x_valid, y_valid)
+    rows, cols = args.grid or (1, 1)
+    count = rows * cols
+    if not 0 <= args.index or args.index + count > len(images):
+        raise UsageError(f"--index {args.index}: the {args.part} part has {len(images)} images "
+                         f"(0..{len(images) - 1}); {count} from --index must fit")
+    out = Path(args.out or f"{args.part}-{args.index}.png")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: expected a file name ending in .png")
+    i = args.index
+    if args.grid:
+        fig = plots.plot_grid(images[i : i + count], labels[i : i + count], rows, cols,
+                              title=f"{args.part} images {i}-{i + count - 1}")
+    else:
+        fig = plots.plot_example(images[i], int(labels[i]), f"{args.part} image {i}: label {int(labels[i])}")
+    plots.save(fig, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import plots
+    from .runs import read_history, read_summary
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: expected a file name ending in .png")
+    rows, histories = [], {}
+    for run in args.run_dirs:
+        s = read_summary(run)
+        name = Path(run).name
+        if name in histories:
+            name = str(run)
+        histories[name] = read_history(run).epochs
+        rows.append({"run": name, "model": s["model"], "epochs": s["epochs"], "valid_acc": s["valid_acc"],
+                     "valid_loss": s["valid_loss"], "train_seconds": s["train_seconds"]})
+    plots.save(plots.plot_compare(histories), out)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["run"]) for r in rows)
+    print(f"{'run':<{width}}  {'model':<8}  {'epochs':>6}  {'valid_acc':>9}  {'valid_loss':>10}  {'train_s':>7}")
+    for r in rows:
+        print(f"{r['run']:<{width}}  {r['model']:<8}  {r['epochs']:>6}  {100 * r['valid_acc']:>8.2f}%  "
+              f"{r['valid_loss']:>10.4f}  {r['train_seconds']:>7.1f}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, metrics, plots
 from .data import Dataset, load_dataset, split
 from .errors import RunError, UsageError
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, predict, predict_proba
 from .files import write_json_atomic, write_text_atomic
 from .models import count_parameters, create_model
 from .train import History, TrainConfig, fit, resolve_device
@@ -34,7 +34,8 @@ CONFIG = "config.json"
 SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
-RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META)
+PICTURES = ("example.png", "loss.png", "predictions.png", "confusion.png", "mistakes.png")
+RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META, *PICTURES)
 METRIC_KEYS = ("epoch", "train_loss", "valid_loss", "valid_acc", "seconds")
 GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
 
@@ -109,12 +110,15 @@ def train_run(
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=ds.num_classes)
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
+    plots.save(plots.plot_example(x_train[0], int(y_train[0]), f"First training example: label {int(y_train[0])}"),
+               run_dir / "example.png")
 
     history = History()
 
     def epoch_done(record: dict) -> None:
         history.epochs.append(record)
         write_metrics(run_dir, history)
+        plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
         if on_epoch is not None:
             on_epoch(record)
 
@@ -123,6 +127,7 @@ def train_run(
     model.cpu()
     checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
     summary = make_summary(model, config, history, len(x_train), x_valid, y_valid, train_seconds, device)
+    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes)
     write_json_atomic(run_dir / SUMMARY, summary)
     return RunResult(run_dir, model, history, summary)
 
@@ -147,6 +152,26 @@ def make_summary(model, config, history, n_train, x_valid, y_valid, train_second
         "device": str(device),
         "torch": torch.__version__,
     }
+
+
+def write_pictures(run_dir: Path, model, x_valid, y_valid, num_classes: int) -> dict:
+    """predictions.png, confusion.png and mistakes.png for the validation part; returns the analysis."""
+    proba = predict_proba(model, x_valid)
+    preds = proba.argmax(axis=1)
+    y_valid = np.asarray(y_valid)
+    rows, cols = GRID
+    plots.save(plots.plot_grid(x_valid, y_valid, rows, cols, preds, probabilities=proba.max(axis=1),
+                               title="Validation images 0-8: predicted / true"), run_dir / "predictions.png")
+    matrix = metrics.confusion_matrix(preds, y_valid, num_classes)
+    plots.save(plots.plot_confusion(matrix), run_dir / "confusion.png")
+    worst = metrics.worst_mistakes(proba, y_valid, top=16)
+    if len(worst):
+        fig = plots.plot_grid(x_valid[worst], y_valid[worst], 4, 4, preds[worst],
+                              probabilities=proba[worst, preds[worst]], title="Most confident mistakes (validation)")
+    else:
+        fig = plots.plot_grid(x_valid[:0], y_valid[:0], 1, 1, preds[:0], title="No mistakes on the validation part")
+    plots.save(fig, run_dir / "mistakes.png")
+    return {"confusion": matrix, "predictions": preds, "probabilities": proba}
 
 
 def _grid(values: np.ndarray, cols: int) -> list[list[int]]:
@@ -201,6 +226,10 @@ def load_run_model(run_dir: str | os.PathLike):
 def evaluate_run(run_dir: str | os.PathLike, dataset: Dataset | None = None) -> dict:
     """Loss and accuracy of a run's model on the validation part of its split."""
     model, config = load_run_model(run_dir)
-    _, _, x_valid, y_valid = load_split(config, dataset)
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    _, _, x_valid, y_valid = load_split(config, ds)
     result = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size)
-    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid)}
+    matrix = metrics.confusion_matrix(predict(model, x_valid), y_valid, ds.num_classes)
+    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid),
+            "per_class": metrics.per_class(matrix), "most_confused": metrics.most_confused(matrix),
+            "confusion": matrix.tolist()}

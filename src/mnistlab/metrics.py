@@ -1,0 +1,43 @@
+"""Classification metrics from predicted and true labels. NumPy in, plain numbers out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(predictions, labels, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; rows are true labels, columns predictions."""
+    predictions, labels = np.asarray(predictions, np.int64), np.asarray(labels, np.int64)
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class(matrix: np.ndarray) -> list[dict]:
+    """Precision, recall, F1 and support per class (0 where a ratio is undefined)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return [{"class": k, "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+             "support": int(actual[k])} for k in range(len(matrix))]
+
+
+def most_confused(matrix: np.ndarray, top: int = 5) -> list[dict]:
+    """The off-diagonal cells with the most images: which true label was taken for which."""
+    matrix = np.asarray(matrix).copy()
+    np.fill_diagonal(matrix, 0)
+    order = np.argsort(matrix, axis=None, kind="stable")[::-1][:top]
+    pairs = [np.unravel_index(i, matrix.shape) for i in order]
+    return [{"true": int(t), "predicted": int(p), "count": int(matrix[t, p])} for t, p in pairs if matrix[t, p] > 0]
+
+
+def worst_mistakes(probabilities: np.ndarray, labels, top: int = 16) -> np.ndarray:
+    """Indices of wrongly classified rows, most confident first."""
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+    predictions = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predictions != labels)
+    confidence = probabilities[wrong, predictions[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:top]

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnistlab import metrics, plots
+from mnistlab.cli import main
+from mnistlab.runs import load_run_model, load_split, write_pictures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_picture(path, min_size=(150, 150)):
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width >= min_size[0] and im.height >= min_size[1]
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10, f"{path} looks blank"
+
+
+def test_training_writes_every_picture(tmp_path, small_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(small_dir), "--epochs", "2", "--out", str(out)]) == 0
+    for name in ("example.png", "loss.png", "predictions.png", "confusion.png", "mistakes.png"):
+        assert_picture(out / name)
+    model, config = load_run_model(out)
+    _, _, x_valid, y_valid = load_split(config)
+    analysis = write_pictures(tmp_path, model, x_valid, y_valid, 10)
+    assert analysis["confusion"].sum() == len(y_valid) == 229
+    assert np.trace(analysis["confusion"]) == (analysis["predictions"] == y_valid).sum()
+
+
+def test_metrics_against_a_hand_count():
+    preds = np.array([0, 1, 1, 2, 2, 2])
+    labels = np.array([0, 1, 2, 2, 2, 1])
+    m = metrics.confusion_matrix(preds, labels, 3)
+    assert m.tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 2]]
+    rows = metrics.per_class(m)
+    assert rows[2]["precision"] == pytest.approx(2 / 3) and rows[2]["recall"] == pytest.approx(2 / 3)
+    assert rows[1]["f1"] == pytest.approx(0.5) and rows[0]["support"] == 1
+    assert metrics.most_confused(m, top=5) == [{"true": 2, "predicted": 1, "count": 1},
+                                               {"true": 1, "predicted": 2, "count": 1}]
+    proba = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
+    assert metrics.worst_mistakes(proba, np.array([0, 0, 0, 1])).tolist() == [2, 1, 3]
+
+
+def test_history_picture_has_both_losses(tmp_path):
+    epochs = [{"epoch": i, "train_loss": 1 / i, "valid_loss": 1.2 / i, "valid_acc": 0.8 + i / 100} for i in (1, 2, 3)]
+    fig = plots.plot_history(epochs)
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert labels == ["training loss", "validation loss", "validation accuracy"]
+    assert_picture(plots.save(fig, tmp_path / "h.png"))
+
+
+def test_show_writes_the_first_example_and_a_grid(tmp_path, capsys):
+    assert main(["show", "--out", str(tmp_path / "one.png")]) == 0
+    assert_picture(tmp_path / "one.png")
+    assert main(["show", "--part", "valid", "--grid", "3", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    assert_picture(tmp_path / "grid.png", (300, 300))
+    assert main(["show", "--index", "49999", "--grid", "2", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "the train part has 50000 images" in capsys.readouterr().err
+    assert main(["show", "--out", str(tmp_path / "x.jpg")]) == 2
+
+
+def test_walkthrough_example_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "walkthrough.py"), "--epochs", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tensor([[3, 8, 6]," in out.stdout
+    for name in ("first_example.png", "linear_loss.png", "cnn_loss.png", "predictions.png"):
+        assert_picture(tmp_path / name)
