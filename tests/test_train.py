@@ -46,9 +46,53 @@ def test_same_seed_same_result(slices):
     for _ in range(2):
         torch.manual_seed(0)
         model = mnistlab.models.CNN()
-        mnistlab.fit(model, x_train[:1000], y_train[:1000], x_valid, y_valid, epochs=1, seed=3, device="cpu")
+        mnistlab.fit(model, x_train[:1000], y_train[:1000], x_valid, y_valid, epochs=1, device="cpu")
         weights.append(model.conv2.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
+
+
+def test_training_matches_the_seeds_code_batch_for_batch(slices):
+    """Reference: the seed's loop with its DataLoaders, seeded the same way."""
+    x_train, y_train, x_valid, y_valid = (a[:1000] for a in slices)
+    xt = torch.from_numpy(x_train.astype(np.float32) / 256)
+    xv = torch.from_numpy(x_valid.astype(np.float32) / 256)
+    torch.manual_seed(7)
+    train_dl = DataLoader(TensorDataset(xt, torch.from_numpy(y_train)), batch_size=64, shuffle=True)
+    valid_dl = DataLoader(TensorDataset(xv, torch.from_numpy(y_valid)), batch_size=128)
+    seed_model = mnistlab.models.CNN()
+    opt = torch.optim.SGD(seed_model.parameters(), lr=0.1, momentum=0.9)
+    seed_valid = []
+    for _ in range(2):
+        seed_model.train()
+        for xb, yb in train_dl:
+            F.cross_entropy(seed_model(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+        seed_model.eval()
+        with torch.no_grad():
+            seed_valid.append(sum(F.cross_entropy(seed_model(xb), yb).tolist() for xb, yb in valid_dl) / len(valid_dl))
+
+    torch.manual_seed(7)
+    ours = mnistlab.models.CNN()
+    history = mnistlab.fit(ours, x_train, y_train, x_valid, y_valid, epochs=2, device="cpu")
+    assert history.valid_loss == pytest.approx(seed_valid, rel=1e-4)
+    for a, b in zip(ours.parameters(), seed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert torch.rand(()) == _rng_after_seed_code(7, x_train, xt, xv, y_train, y_valid)
+
+
+def _rng_after_seed_code(seed, x_train, xt, xv, y_train, y_valid):
+    """The global generator's next draw after the seed's two epochs: fit consumes it the same way."""
+    torch.manual_seed(seed)
+    train_dl = DataLoader(TensorDataset(xt, torch.from_numpy(y_train)), batch_size=64, shuffle=True)
+    valid_dl = DataLoader(TensorDataset(xv, torch.from_numpy(y_valid)), batch_size=128)
+    mnistlab.models.CNN()
+    for _ in range(2):
+        for _batch in train_dl:
+            pass
+        for _batch in valid_dl:
+            pass
+    return torch.rand(())
 
 
 def test_validation_loss_is_the_seeds_mean_of_batch_means(slices):

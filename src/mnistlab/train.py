@@ -4,7 +4,9 @@ Each epoch: reshuffle, ``model.train()``, then per batch forward, cross-entropy,
 backward, ``opt.step()``, ``opt.zero_grad()``; then ``model.eval()`` and the validation
 loss averaged over validation batches (batch size twice the training one, as in the
 PyTorch tutorial the seed follows). Batches are sliced from tensors held in memory:
-no per-sample Python work, no DataLoader.
+no per-sample Python work, no DataLoader. The shuffled order is nevertheless the one the
+seed's ``DataLoader(train_ds, batch_size=64, shuffle=True)`` draws from torch's global
+random generator, so a run seeded like the seed's code sees the same batches.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class TrainConfig:
     batch_size: int = 64  # images per SGD step; validation uses twice this
     lr: float | None = None  # SGD learning rate; None: the model's recipe (linear 0.5, cnn 0.1)
     momentum: float | None = None  # SGD momentum; None: the model's recipe (linear 0, cnn 0.9)
-    seed: int = 0  # seeds the weights' initialisation and the shuffling
+    seed: int = 0  # torch.manual_seed before the model is built: weights' initialisation and shuffling
     split: str = "seed"  # "seed": 50,000 / 20,000; "standard": 60,000 / 10,000
     data_dir: str | None = None  # a folder of four MNIST-format IDX files; None: the shipped MNIST
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
@@ -114,19 +116,33 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
+def _draw_seed() -> int:
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def dataloader_order(n: int) -> torch.Tensor:
+    """The permutation one epoch of ``DataLoader(..., shuffle=True)`` yields, drawn the same way.
+
+    Iterating such a loader draws a base seed for its workers from torch's global
+    generator, then its RandomSampler draws a seed for a fresh generator and takes
+    ``randperm(n)`` from it.
+    """
+    _draw_seed()  # the loader iterator's base seed
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed()))
+
+
 def train_epoch(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
-    generator: torch.Generator,
     on_batch: Callable[[int, int, float], None] | None = None,
 ) -> float:
     """One pass over ``x`` in a fresh random order; returns the mean of the batch losses."""
     model.train()
     n = len(x)
-    order = torch.randperm(n, generator=generator).to(x.device)
+    order = dataloader_order(n).to(x.device)
     n_batches = math.ceil(n / batch_size)
     total = torch.zeros((), device=x.device)
     for b in range(n_batches):
@@ -155,6 +171,11 @@ def fit(
 ) -> History:
     """Train ``model`` with SGD as the seed does and return the per-epoch :class:`History`.
 
+    Shuffling draws from torch's global random generator exactly as the seed's DataLoaders
+    do: call ``torch.manual_seed(s)`` before building the model for a repeatable run that
+    sees the same batches as the seed's code seeded with ``s``. (``config.seed`` is applied
+    by :func:`mnistlab.train_run` and the CLI, which build the model themselves.)
+
     ``x`` may be NumPy or torch, float pixels in [0, 1) or uint8 (divided by 256 per batch).
     ``overrides`` set :class:`TrainConfig` fields, e.g. ``fit(..., epochs=3, lr=0.1)``.
     ``on_batch(batch, n_batches, loss)`` and ``on_epoch(metrics)`` let a caller show progress.
@@ -173,17 +194,17 @@ def fit(
     if len(x_train) == 0 or len(x_valid) == 0:
         raise UsageError("training and validation parts must both hold at least one image")
     opt = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, opt, x_train, y_train, config.batch_size, generator, on_batch)
+        train_loss = train_epoch(model, opt, x_train, y_train, config.batch_size, on_batch)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
                 f"training diverged: the loss became {train_loss} in epoch {epoch}; "
                 f"try a lower learning rate than {config.lr} (--lr)"
             )
         valid = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size)
+        _draw_seed()  # iterating the seed's valid_dl draws a base seed too
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
