@@ -12,13 +12,16 @@ The seed's walk-through, step by step::
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402
+from .classifier import Classifier, load_run  # noqa: E402
 from .data import load_dataset, load_mnist, split  # noqa: E402
 from .evaluate import evaluate, predict, predict_proba  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
-from .runs import train_run  # noqa: E402
+from .prepare import prepare_image  # noqa: E402
+from .runs import resume_run, train_run  # noqa: E402
 from .train import History, TrainConfig, fit  # noqa: E402
 
 __all__ = [
-    "History", "TrainConfig", "create_model", "evaluate", "fit", "list_models", "load_dataset",
-    "load_mnist", "models", "predict", "predict_proba", "register_model", "split", "train_run",
+    "Classifier", "History", "TrainConfig", "create_model", "evaluate", "fit", "list_models", "load_dataset",
+    "load_mnist", "load_run", "models", "predict", "predict_proba", "prepare_image", "register_model",
+    "resume_run", "split", "train_run",
 ]

@@ -51,3 +51,48 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunError(f"{directory / WEIGHTS}: cannot load the weights ({first})") from None
     return model.eval(), meta
+
+
+# Training state, written atomically after every epoch so that an interrupted run resumes
+# exactly: weights, optimizer buffers, torch's global RNG state (it drives the shuffling),
+# epoch and metrics. One safetensors file; the non-tensor parts ride in its JSON metadata.
+STATE = "checkpoint.safetensors"
+
+
+def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, epochs: list[dict]) -> None:
+    import torch
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    meta = {"epoch": epoch, "epochs": epochs, "param_groups": opt_state["param_groups"]}
+    write_bytes_atomic(Path(directory) / STATE, save(tensors, metadata={"state": json.dumps(meta)}))
+
+
+def load_state(directory: str | os.PathLike, model: nn.Module, opt) -> tuple[int, list[dict]]:
+    """Restore what :func:`save_state` wrote; returns ``(epoch, per-epoch metrics)``."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(directory) / STATE
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise RunError(f"{directory}: no {STATE}; no epoch finished, nothing to resume") from None
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path}: unreadable checkpoint ({exc})") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng"])
+    return int(meta["epoch"]), list(meta["epochs"])

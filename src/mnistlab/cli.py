@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import MnistlabError, UsageError
 from .models import list_models
@@ -73,6 +75,8 @@ def _add_train(sub) -> None:
                    help="folder with the four MNIST-format IDX files, gzip or raw (default: the shipped MNIST)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-YYYYmmdd-HHMMSS)")
     p.add_argument("--force", action="store_true", help="overwrite the run in an existing --out directory")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last complete epoch (its own config is used)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto uses CUDA when available (default: auto)")
     p.set_defaults(func=cmd_train)
@@ -86,11 +90,15 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predicted labels for validation items")
+    p = sub.add_parser("predict", help="classify your own images, or validation items",
+                       description="Classify image files (prepared as MNIST's digits were: grayscale, "
+                                   "inverted if the background is light, cropped, scaled to 20 px, centred "
+                                   "by mass in 28x28), or validation items of the run's split.")
     p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
-    p.add_argument("--valid", type=index_range, default=(0, 9), metavar="START:STOP",
-                   help="validation items to predict (default: 0:9, the seed's grid)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or any file Pillow reads, any size")
+    p.add_argument("--valid", type=index_range, default=None, metavar="START:STOP",
+                   help="validation items to predict (default without IMAGE: 0:9, the seed's grid)")
+    p.add_argument("--json", action="store_true", help="print JSON (all probabilities) instead of text")
     p.set_defaults(func=cmd_predict)
 
 
@@ -163,14 +171,21 @@ def format_grid(grid: list[list[int]]) -> str:
 
 
 def cmd_train(args) -> int:
-    from .runs import train_run
+    from .runs import default_run_dir, read_config, resume_run, train_run
     from .train import TrainConfig
 
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         momentum=args.momentum, seed=args.seed, split=args.split, data_dir=args.data_dir,
-                         device=args.device)
+    if args.resume is not None:
+        if args.out is not None:
+            raise UsageError("--resume continues the run in place; leave out --out")
+        config, run_dir = read_config(args.resume), Path(args.resume)
+    else:
+        config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             momentum=args.momentum, seed=args.seed, split=args.split, data_dir=args.data_dir,
+                             device=args.device)
+        run_dir = Path(args.out) if args.out else default_run_dir(config.model)
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
-    print(f"training {config.model}: {config.epochs} epochs, batch {config.batch_size}, "
+    verb = f"resuming {run_dir}" if args.resume else "training"
+    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, "
           f"SGD lr {config.lr} momentum {config.momentum}, split {config.split}, seed {config.seed}", flush=True)
 
     def on_epoch(r: dict) -> None:
@@ -178,7 +193,16 @@ def cmd_train(args) -> int:
               f"valid_loss {r['valid_loss']:.4f}  valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s",
               flush=True)
 
-    result = train_run(config, args.out, force=args.force, on_batch=_progress(interactive), on_epoch=on_epoch)
+    hooks = {"on_batch": _progress(interactive), "on_epoch": on_epoch}
+    try:
+        if args.resume:
+            result = resume_run(run_dir, **hooks)
+        else:
+            result = train_run(config, run_dir, force=args.force, **hooks)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
     s = result.summary
     print(f"predicted labels of validation images 0-8:\n{format_grid(s['grid_predictions'])}")
     print(f"true labels:\n{format_grid(s['grid_labels'])}")
@@ -205,12 +229,37 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.images and args.valid is not None:
+        raise UsageError("give IMAGE files or --valid, not both")
+    return _predict_images(args) if args.images else _predict_valid(args)
+
+
+def _predict_images(args) -> int:
+    from .classifier import load_run
+    from .prepare import prepare_image
+
+    classifier = load_run(args.run_dir)
+    pixels = [prepare_image(path) for path in args.images]  # every file checked before any output
+    proba = classifier.predict_proba(np.stack(pixels))
+    rows = [{"file": path, "label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
+            for path, p in zip(args.images, proba, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
+        ranked = ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top)
+        print(f"{r['file']}: {r['label']}  ({ranked})")
+    return 0
+
+
+def _predict_valid(args) -> int:
     from .evaluate import predict_proba
     from .runs import load_run_model, load_split
 
     model, config = load_run_model(args.run_dir)
     _, _, x_valid, y_valid = load_split(config)
-    start, stop = args.valid
+    start, stop = args.valid or (0, 9)
     if stop > len(x_valid):
         raise UsageError(f"--valid {start}:{stop}: the validation part has {len(x_valid)} items (0:{len(x_valid)})")
     proba = predict_proba(model, x_valid[start:stop])

@@ -5,6 +5,7 @@ Layout of ``RUN_DIR``::
     config.json        the resolved TrainConfig
     metrics.csv        one row per epoch (also metrics.jsonl, one JSON object per line)
     model.safetensors  the weights; model.json: registry name and model config
+    checkpoint.safetensors  after every epoch: everything --resume needs
     summary.json       written last: its presence marks a finished run
 """
 
@@ -15,7 +16,7 @@ import io
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -28,14 +29,15 @@ from .errors import RunError, UsageError
 from .evaluate import evaluate, predict, predict_proba
 from .files import write_json_atomic, write_text_atomic
 from .models import count_parameters, create_model
-from .train import History, TrainConfig, fit, resolve_device
+from .train import History, TrainConfig, fit, make_optimizer, resolve_device
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 PICTURES = ("example.png", "loss.png", "predictions.png", "confusion.png", "mistakes.png")
-RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META, *PICTURES)
+RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META, checkpoint.STATE,
+             "report.html", *PICTURES)
 METRIC_KEYS = ("epoch", "train_loss", "valid_loss", "valid_acc", "seconds")
 GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
 
@@ -103,26 +105,53 @@ def train_run(
 ) -> RunResult:
     """Train ``config`` end to end and write its run directory; returns the trained model too."""
     config.validate()
+    if config.data_dir is not None:  # absolute, so the run can be evaluated from anywhere
+        config = replace(config, data_dir=str(Path(config.data_dir).resolve()))
     device = resolve_device(config.device)
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
-    x_train, y_train, x_valid, y_valid = load_split(config, ds)
     run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=ds.num_classes)
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
+    x_train, y_train = load_split(config, ds)[:2]
     plots.save(plots.plot_example(x_train[0], int(y_train[0]), f"First training example: label {int(y_train[0])}"),
                run_dir / "example.png")
+    return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch)
 
-    history = History()
+
+def resume_run(
+    run_dir: str | os.PathLike,
+    *,
+    dataset: Dataset | None = None,
+    on_batch: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Continue an interrupted run from its last complete epoch, exactly as if never stopped."""
+    config = read_config(run_dir)
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists():
+        raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    model = create_model(config.model, num_classes=ds.num_classes)
+    opt = make_optimizer(model, config)
+    _, epochs = checkpoint.load_state(run_dir, model, opt)
+    return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch)
+
+
+def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch) -> RunResult:
+    device = resolve_device(config.device)
+    x_train, y_train, x_valid, y_valid = load_split(config, ds)
 
     def epoch_done(record: dict) -> None:
         history.epochs.append(record)
+        checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs)
         write_metrics(run_dir, history)
         plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
         if on_epoch is not None:
             on_epoch(record)
 
-    fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done)
+    fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done,
+        optimizer=opt, start_epoch=len(history.epochs))
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
     checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})

@@ -167,6 +167,8 @@ def fit(
     *,
     on_batch: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
     **overrides,
 ) -> History:
     """Train ``model`` with SGD as the seed does and return the per-epoch :class:`History`.
@@ -179,6 +181,7 @@ def fit(
     ``x`` may be NumPy or torch, float pixels in [0, 1) or uint8 (divided by 256 per batch).
     ``overrides`` set :class:`TrainConfig` fields, e.g. ``fit(..., epochs=3, lr=0.1)``.
     ``on_batch(batch, n_batches, loss)`` and ``on_epoch(metrics)`` let a caller show progress.
+    ``optimizer`` and ``start_epoch`` continue an interrupted run (see ``mnistlab train --resume``).
     """
     if config is None:
         config = TrainConfig(**overrides)
@@ -193,9 +196,9 @@ def fit(
     x_valid, y_valid = as_tensor(x_valid, device), as_tensor(y_valid, device).long()
     if len(x_train) == 0 or len(x_valid) == 0:
         raise UsageError("training and validation parts must both hold at least one image")
-    opt = make_optimizer(model, config)
+    opt = optimizer if optimizer is not None else make_optimizer(model, config)
     history = History()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start_epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         train_loss = train_epoch(model, opt, x_train, y_train, config.batch_size, on_batch)
         if not math.isfinite(train_loss):
