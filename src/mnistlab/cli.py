@@ -129,6 +129,16 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the run's model as ONNX or TorchScript",
+                       description="Export a run's model. Input 'pixels': float32 (N, 784) in [0, 1) "
+                                   "(uint8 / 256); output 'logits': float32 (N, classes).")
+    p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="(default: onnx)")
+    p.add_argument("--out", default=None, help="file to write (default: RUN_DIR/model.onnx or RUN_DIR/model.pt)")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnistlab", description="Train, inspect and use MNIST-style digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_report(sub)
     _add_compare(sub)
+    _add_export(sub)
     return parser
 
 
@@ -337,6 +348,15 @@ def cmd_compare(args) -> int:
         print(f"{r['run']:<{width}}  {r['model']:<8}  {r['epochs']:>6}  {100 * r['valid_acc']:>8.2f}%  "
               f"{r['valid_loss']:>10.4f}  {r['train_seconds']:>7.1f}")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+    from .runs import check_run_dir
+
+    check_run_dir(args.run_dir)
+    print(f"wrote {export_run(args.run_dir, args.format, args.out)}")
     return 0
 
 
