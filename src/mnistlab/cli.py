@@ -139,6 +139,14 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a run over HTTP: POST /predict, GET /health, a page to draw on")
+    p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnistlab", description="Train, inspect and use MNIST-style digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_compare(sub)
     _add_export(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -357,6 +366,16 @@ def cmd_export(args) -> int:
 
     check_run_dir(args.run_dir)
     print(f"wrote {export_run(args.run_dir, args.format, args.out)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .runs import check_run_dir
+    from .serve import serve
+
+    check_run_dir(args.run_dir)
+    print(f"serving {args.run_dir} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    serve(args.run_dir, args.host, args.port)
     return 0
 
 

@@ -1,0 +1,121 @@
+"""A web service for a trained run: ``POST /predict``, ``GET /health``, and a page to draw on.
+
+``create_app(run_dir)`` builds the FastAPI app; ``mnistlab serve RUN_DIR`` runs it with uvicorn.
+Checkpoints are loaded from safetensors + JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib import resources
+
+import numpy as np
+import torch
+
+from .classifier import load_run
+from .errors import UsageError
+from .prepare import MAX_BYTES, ImageError, prepare_image
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+except ImportError:  # pragma: no cover - exercised only without the extra
+    FastAPI = None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _pixels_from_json(body) -> np.ndarray:
+    """JSON ``{"pixels": ...}``: 784 values or 28 rows of 28, grayscale 0..255 with the ink bright."""
+    if not isinstance(body, dict) or "pixels" not in body:
+        raise _BadRequest(422, 'expected JSON {"pixels": [...]} with 784 values or 28x28 nested lists')
+    pixels = body["pixels"]
+    if not isinstance(pixels, list):
+        raise _BadRequest(422, "pixels must be a list of 784 numbers or 28 lists of 28 numbers")
+    flat = [v for row in pixels for v in row] if pixels and all(isinstance(r, list) for r in pixels) else pixels
+    shape_ok = len(flat) == 784 and (len(pixels) == 784 or (len(pixels) == 28 and all(len(r) == 28 for r in pixels)))
+    if not shape_ok:
+        raise _BadRequest(422, f"pixels must hold 784 values (flat or 28x28), got {len(flat)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+        raise _BadRequest(422, "pixels must be finite numbers")
+    arr = np.asarray(flat, dtype=np.float32)
+    if arr.min() < 0 or arr.max() > 255:
+        raise _BadRequest(422, "pixel values must lie in 0..255")
+    return (arr / 256).reshape(1, 784)
+
+
+def create_app(run_dir: str | os.PathLike):
+    if FastAPI is None:
+        raise UsageError("serving needs FastAPI and uvicorn: pip install 'mnistlab[serve]'")
+    classifier = load_run(run_dir)
+    name = classifier.model.__class__.__name__
+    page = resources.files("mnistlab").joinpath("static/draw.html").read_text()
+    app = FastAPI(title="mnistlab", description=f"Digit classifier from {run_dir}")
+
+    @app.exception_handler(_BadRequest)
+    async def bad_request(request: Request, exc: _BadRequest):
+        return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": name}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        """An uploaded image file (multipart field ``file``, or the raw bytes) or JSON ``{"pixels": ...}``."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            body = await _read_limited(request)
+            try:
+                import json
+
+                pixels = _pixels_from_json(json.loads(body))
+            except ValueError:
+                raise _BadRequest(422, "invalid JSON body") from None
+        elif kind == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=4)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise _BadRequest(422, "expected an image in the multipart field 'file'")
+            data = await upload.read(MAX_BYTES + 1)
+            pixels = _prepare(data, upload.filename or "upload")
+        else:
+            pixels = _prepare(await _read_limited(request), "body")
+        with torch.no_grad():
+            proba = classifier.predict_proba(pixels)[0]
+        return {"label": int(proba.argmax()), "probabilities": [round(float(p), 6) for p in proba]}
+
+    return app
+
+
+async def _read_limited(request) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BYTES:
+            raise _BadRequest(413, f"request body larger than the {MAX_BYTES} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(data: bytes, name: str) -> np.ndarray:
+    if len(data) > MAX_BYTES:
+        raise _BadRequest(413, f"{name}: larger than the {MAX_BYTES} bytes allowed")
+    try:
+        return prepare_image(data, name).reshape(1, 784)
+    except ImageError as exc:
+        raise _BadRequest(413 if "allowed" in str(exc) else 400, str(exc)) from None
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(run_dir), host=host, port=port, log_level="warning")
