@@ -3,6 +3,7 @@ import gzip
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from mnistlab.errors import DataError
@@ -55,3 +56,39 @@ def test_corrupt_gzip_and_missing_file(tmp_path):
         read_idx(bad)
     with pytest.raises(DataError, match="not found"):
         read_idx(tmp_path / "absent.gz")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_files_give_an_array_or_a_data_error(data):
+    """Fuzz: flip, cut and extend valid IDX bytes (header included); never any other exception."""
+    original = bytearray(encode_idx(np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)))
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(original) - 1))
+        original[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(original)))
+    blob = bytes(original[:cut]) + data.draw(st.binary(max_size=8))
+    try:
+        array = parse_idx(blob)
+    except DataError as exc:
+        assert str(exc)
+    else:
+        assert array.dtype == np.uint8 and array.size == len(blob) - 4 - 4 * array.ndim
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64), st.sampled_from(["raw", "gzip magic", "gzip"]))
+def test_random_bytes_never_crash_the_reader(tmp_path_factory, blob, form):
+    path = tmp_path_factory.mktemp("fuzz") / "x.gz"
+    content = {"raw": blob, "gzip magic": b"\x1f\x8b" + blob, "gzip": gzip.compress(blob)}[form]
+    path.write_bytes(content)
+    try:
+        read_idx(path)
+    except DataError as exc:
+        assert str(exc)
+
+
+def test_a_hostile_header_cannot_overflow():
+    header = b"\x00\x00\x08\x04" + b"\xff\xff\xff\xff" * 4
+    with pytest.raises(DataError, match="truncated data"):
+        parse_idx(header)

@@ -8,6 +8,7 @@ the data. Files may be gzip-compressed; that is detected from the content.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -54,7 +55,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name}: truncated IDX header ({len(data)} bytes, expected {header})")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # Python ints: a hostile header cannot overflow
     got = len(data) - header
     if got < expected:
         raise DataError(
