@@ -162,3 +162,26 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == ("mnistlab train: error: argument --epochs: expected a positive integer, "
                                   "got '-1' (see --help)")
+
+
+def test_progress_bar_shows_the_running_loss(capsys):
+    import time
+
+    from mnistlab.cli import _progress
+
+    on_batch = _progress(True)
+    for b, loss in enumerate([2.0, 1.0, 0.5]):
+        time.sleep(0.15)  # past tqdm's minimum refresh interval
+        on_batch(b, 3, loss)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=1.1667" in err  # running mean of the batch losses
+    assert _progress(False) is None  # not a terminal: one plain line per epoch instead
+
+
+def test_divergence_is_one_line_and_no_finished_run(tmp_path, small_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--data-dir", str(small_dir), "--epochs", "3", "--lr", "1e38",
+                 "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "lower learning rate" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "summary.json").exists()

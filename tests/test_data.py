@@ -120,3 +120,13 @@ def test_missing_data_dir_and_unknown_source(tmp_path):
         data.load_dataset(tmp_path / "nowhere")
     with pytest.raises(UsageError, match="unknown source 'web'; expected one of: shipped, openml"):
         mnistlab.load_mnist(source="web")
+
+
+def test_openml_source_without_scikit_learn_says_how_to_install():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match=r"pip install 'mnistlab\[openml\]'"):
+            mnistlab.load_mnist(source="openml")
+    else:
+        pytest.skip("scikit-learn is installed; fetching from OpenML needs the network")

@@ -148,3 +148,22 @@ def test_preparation_never_fails_except_with_its_documented_error(array):
         assert "blank image" in str(exc)
     else:
         assert out.shape == (28, 28) and out.dtype == np.uint8 and out.max() > 0
+
+
+_DIGIT_PNG = _png_bytes(255 - np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_mutated_image_files_give_a_picture_or_an_image_error(data):
+    """Fuzz the file path of predict: corrupt, cut and extend a real PNG."""
+    blob = bytearray(_DIGIT_PNG)
+    for _ in range(data.draw(st.integers(0, 6))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    blob = bytes(blob[: data.draw(st.integers(0, len(blob)))]) + data.draw(st.binary(max_size=16))
+    try:
+        out = prepare_image(blob)
+    except ImageError as exc:
+        assert str(exc)
+    else:
+        assert out.shape == (28, 28) and out.dtype == np.uint8

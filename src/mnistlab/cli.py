@@ -179,7 +179,7 @@ def _progress(enabled: bool):
         bar = state["bar"]
         bar.update(1)
         if b % 20 == 0 or b == n - 1:
-            bar.set_postfix(loss=f"{state['sum'] / (b + 1):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{state['sum'] / (b + 1):.4f}", refresh=b == n - 1)
         if b == n - 1:
             bar.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def open_image(source, name: str = "image") -> Image.Image:
                 raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") \
                     from None
             raise ImageError(f"{name}: too many pixels, at most {MAX_PIXELS} allowed") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, EOFError, SyntaxError, ValueError, struct.error) as exc:
             raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
     _check_pixels(image, name)
     return image
