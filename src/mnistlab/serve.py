@@ -118,4 +118,7 @@ def _prepare(data: bytes, name: str) -> np.ndarray:
 def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
+    # One image per request: a second intra-op thread only spins and steals the CPU that
+    # the event loop needs (measured: benchmarks/bench_serve.py).
+    torch.set_num_threads(1)
     uvicorn.run(create_app(run_dir), host=host, port=port, log_level="warning")
