@@ -1,19 +1,19 @@
 """Pictures: each function returns a matplotlib Figure; :func:`save` writes it as PNG.
 
-Rendering uses the Agg backend, so nothing needs a display.
+Figures are built without pyplot (no global figure registry, so nothing leaks and a
+picture can be drawn on a background thread) and rendered with Agg: no display needed.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from .files import write_bytes_atomic
 
 WRONG = "tab:red"
 RIGHT = "black"
@@ -21,13 +21,10 @@ RIGHT = "black"
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically (a watcher never sees half a PNG) and close it."""
-    import io
 
-    from .files import write_bytes_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return write_bytes_atomic(path, buf.getvalue())
 
 
@@ -37,7 +34,8 @@ def _square(image) -> np.ndarray:
 
 def plot_example(image, label: int | None = None, title: str | None = None) -> Figure:
     """One image in gray, as the seed's ``plt.imshow(x_train[0].reshape((28, 28)), cmap="gray")``."""
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    fig = Figure(figsize=(3.2, 3.4))
+    ax = fig.subplots()
     ax.imshow(_square(image), cmap="gray")
     ax.set_title(title or (f"label {label}" if label is not None else "image"))
     ax.set_xlabel("x (pixels)")
@@ -49,7 +47,8 @@ def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str
               probabilities=None) -> Figure:
     """A rows x cols grid of images titled with their labels (and predictions, mistakes in red)."""
     n = min(rows * cols, len(images))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -79,7 +78,8 @@ def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str
 def plot_history(epochs: list[dict], title: str = "Training") -> Figure:
     """Training and validation loss per epoch (left) and validation accuracy (right)."""
     x = [e["epoch"] for e in epochs]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(x, [e["train_loss"] for e in epochs], "o-", label="training loss")
     ax_loss.plot(x, [e["valid_loss"] for e in epochs], "s-", label="validation loss")
     ax_loss.set_xlabel("epoch")
@@ -104,7 +104,8 @@ def plot_confusion(matrix: np.ndarray, title: str = "Confusion matrix (validatio
     """Counts as a heat map; rows are true labels, columns predictions, counts in the cells."""
     matrix = np.asarray(matrix)
     k = len(matrix)
-    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    fig = Figure(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    ax = fig.subplots()
     im = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(im, ax=ax, label="images")
     threshold = matrix.max() / 2
@@ -123,7 +124,8 @@ def plot_confusion(matrix: np.ndarray, title: str = "Confusion matrix (validatio
 
 def plot_compare(histories: dict[str, list[dict]]) -> Figure:
     """Validation loss and accuracy per epoch of several runs, one line per run."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for name, epochs in histories.items():
         x = [e["epoch"] for e in epochs]
         ax_loss.plot(x, [e["valid_loss"] for e in epochs], "o-", label=name)
