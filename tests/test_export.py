@@ -8,6 +8,7 @@ import torch
 import mnistlab
 from mnistlab.cli import main
 
+from .test_cli import run_cli
 from .test_use import TRAINED
 
 
@@ -45,12 +46,5 @@ def test_torchscript_matches_pytorch(tmp_path, valid_pixels, reference):
 def test_export_refusals(tmp_path, capsys):
     assert main(["export", str(tmp_path / "none")]) == 2
     assert "run directory not found" in capsys.readouterr().err
-    assert main_exit(["export", str(TRAINED), "--format", "tflite"]) == 2
+    assert run_cli(["export", str(TRAINED), "--format", "tflite"]) == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
-
-
-def main_exit(args):
-    try:
-        return main(args)
-    except SystemExit as exc:
-        return exc.code

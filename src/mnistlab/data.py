@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +148,7 @@ def load_dataset(data_dir: str | os.PathLike | None = None, cache: bool = True) 
     where = _mnist_cache()
     if cache and (ds := _load_cached(where)) is not None:
         return ds
-    ds = _read_dir(SHIPPED_DIR, verify=True)
-    ds = Dataset(ds.images, ds.labels, ds.n_train, name="mnist")
+    ds = replace(_read_dir(SHIPPED_DIR, verify=True), name="mnist")
     if cache:
         _store(where, "images.npy", ds.images)
         _store(where, "labels.npy", ds.labels.astype(np.uint8))

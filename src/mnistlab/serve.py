@@ -6,6 +6,7 @@ Checkpoints are loaded from safetensors + JSON: nothing is unpickled.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from importlib import resources
@@ -75,8 +76,6 @@ def create_app(run_dir: str | os.PathLike):
         if kind == "application/json":
             body = await _read_limited(request)
             try:
-                import json
-
                 pixels = _pixels_from_json(json.loads(body))
             except ValueError:
                 raise _BadRequest(422, "invalid JSON body") from None
