@@ -7,7 +7,6 @@ Checkpoints are loaded from safetensors + JSON: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import math
 import os
 from importlib import resources
 
@@ -34,16 +33,17 @@ def _pixels_from_json(body) -> np.ndarray:
     """JSON ``{"pixels": ...}``: 784 values or 28 rows of 28, grayscale 0..255 with the ink bright."""
     if not isinstance(body, dict) or "pixels" not in body:
         raise _BadRequest(422, 'expected JSON {"pixels": [...]} with 784 values or 28x28 nested lists')
-    pixels = body["pixels"]
-    if not isinstance(pixels, list):
-        raise _BadRequest(422, "pixels must be a list of 784 numbers or 28 lists of 28 numbers")
-    flat = [v for row in pixels for v in row] if pixels and all(isinstance(r, list) for r in pixels) else pixels
-    shape_ok = len(flat) == 784 and (len(pixels) == 784 or (len(pixels) == 28 and all(len(r) == 28 for r in pixels)))
-    if not shape_ok:
-        raise _BadRequest(422, f"pixels must hold 784 values (flat or 28x28), got {len(flat)}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+    try:
+        arr = np.array(body["pixels"])  # no dtype: strings, booleans and ragged lists stay recognisable
+    except (ValueError, TypeError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf" or arr.shape not in ((784,), (28, 28)):
+        if arr is not None and arr.dtype.kind in "iuf":
+            raise _BadRequest(422, f"pixels must hold 784 values (flat or 28x28), got shape {list(arr.shape)}")
+        raise _BadRequest(422, "pixels must be finite numbers: a list of 784, or 28 lists of 28")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
         raise _BadRequest(422, "pixels must be finite numbers")
-    arr = np.asarray(flat, dtype=np.float32)
     if arr.min() < 0 or arr.max() > 255:
         raise _BadRequest(422, "pixel values must lie in 0..255")
     return (arr / 256).reshape(1, 784)
