@@ -29,10 +29,10 @@ class Classifier:
 
     def to_pixels(self, images) -> np.ndarray:
         """The model's input: (N, 784), uint8 pixels 0..255 or float32 in [0, 1]."""
-        if isinstance(images, (str, os.PathLike, Image.Image, bytes)):
+        pictures = (str, os.PathLike, Image.Image, bytes)
+        if isinstance(images, pictures):
             images = [images]
-        if isinstance(images, (list, tuple)) and images and not isinstance(images[0], (int, float, np.number)) \
-                and not isinstance(images[0], (list, tuple, np.ndarray)):
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], pictures):
             return np.stack([prepare_image(im) for im in images]).reshape(-1, 784)
         arr = np.asarray(images)
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):

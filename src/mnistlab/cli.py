@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .errors import MnistlabError, UsageError
 from .models import list_models
@@ -256,11 +254,9 @@ def cmd_predict(args) -> int:
 
 def _predict_images(args) -> int:
     from .classifier import load_run
-    from .prepare import prepare_image
 
-    classifier = load_run(args.run_dir)
-    pixels = [prepare_image(path) for path in args.images]  # every file checked before any output
-    proba = classifier.predict_proba(np.stack(pixels))
+    # Every file is prepared (and so checked) before anything is printed.
+    proba = load_run(args.run_dir).predict_proba(list(args.images))
     rows = [{"file": path, "label": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
             for path, p in zip(args.images, proba, strict=True)]
     if args.json:

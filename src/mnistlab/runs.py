@@ -113,9 +113,8 @@ def train_run(
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=ds.num_classes)
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
-    x_train, y_train = load_split(config, ds)[:2]
-    plots.save(plots.plot_example(x_train[0], int(y_train[0]), f"First training example: label {int(y_train[0])}"),
-               run_dir / "example.png")
+    first, label = ds.images[0], int(ds.labels[0])  # both splits start with the dataset's first row
+    plots.save(plots.plot_example(first, label, f"First training example: label {label}"), run_dir / "example.png")
     return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch)
 
 

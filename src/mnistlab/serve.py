@@ -88,8 +88,7 @@ def create_app(run_dir: str | os.PathLike):
             pixels = _prepare(data, upload.filename or "upload")
         else:
             pixels = _prepare(await _read_limited(request), "body")
-        with torch.no_grad():
-            proba = classifier.predict_proba(pixels)[0]
+        proba = classifier.predict_proba(pixels)[0]
         return {"label": int(proba.argmax()), "probabilities": [round(float(p), 6) for p in proba]}
 
     return app
