@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .augment import AUGMENTS
+from .data import SPLITS
 from .errors import MnistlabError, UsageError
 from .models import list_models
+from .optim import SCHEDULES
+from .train import PRESETS
 
 EXIT_USAGE = 2
 
@@ -41,6 +45,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2): distinct non-negative integers."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def index_range(text: str) -> tuple[int, int]:
     """'A:B' (items A..B-1) or 'N' (item N)."""
     try:
@@ -60,22 +75,40 @@ def index_range(text: str) -> tuple[int, int]:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory",
                        description="Train a model as the seed does and write a run directory.")
-    p.add_argument("--model", default="cnn", choices=list_models(), help="registered model (default: cnn)")
-    p.add_argument("--epochs", type=positive_int, default=15, help="passes over the training part (default: 15)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per SGD step (default: 64)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="a named recipe; explicit options override its values. seed: the seed's CNN as its "
+                        "walk-through trains it (the default values below); fast: time to 99%% (a small "
+                        "BatchNorm CNN, 2 epochs, one-cycle Nesterov SGD); best: accuracy on the standard test set "
+                        "(a larger BatchNorm CNN, augmentation, 15 epochs)")
+    p.add_argument("--model", default=None, choices=list_models(), help="registered model (default: cnn)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training part (default: 15)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per SGD step (default: 64)")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="SGD learning rate (default: 0.5 for linear, 0.1 for cnn)")
+                   help="SGD learning rate, the peak one with --schedule onecycle (default: 0.5 for linear, 0.1 "
+                        "for cnn)")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0 for linear, 0.9 for cnn)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for weights and shuffling (default: 0)")
-    p.add_argument("--split", default="seed", choices=["seed", "standard"],
-                   help="seed: first 50,000 train / last 20,000 valid; standard: 60,000 / 10,000 (default: seed)")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default: 0)")
+    p.add_argument("--schedule", default=None, choices=list(SCHEDULES),
+                   help="learning rate per step: constant, or onecycle (linear rise over the first quarter, "
+                        "then linear fall to 0) (default: constant)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="in [0, 1) (default: 0)")
+    p.add_argument("--augment", default=None, choices=list(AUGMENTS),
+                   help="affine: random shifts (2 px), rotations (10 degrees) and scaling (10%%) per image "
+                        "(default: none)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for weights and shuffling (default: 0)")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
+                   help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
+    p.add_argument("--split", default=None, choices=list(SPLITS),
+                   help="seed: first 50,000 train / last 20,000 valid; standard: 60,000 / the 10,000 test images; "
+                        "holdout: the training images alone, 50,000 / 10,000, for tuning (default: seed)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the four MNIST-format IDX files, gzip or raw (default: the shipped MNIST)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-YYYYmmdd-HHMMSS)")
     p.add_argument("--force", action="store_true", help="overwrite the run in an existing --out directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last complete epoch (its own config is used)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="auto uses CUDA when available (default: auto)")
     p.set_defaults(func=cmd_train)
 
@@ -106,7 +139,7 @@ def _add_show(sub) -> None:
     p.add_argument("--part", default="train", choices=["train", "valid"], help="part of the split (default: train)")
     p.add_argument("--grid", type=positive_int, nargs=2, metavar=("ROWS", "COLS"), default=None,
                    help="draw ROWS x COLS images starting at --index (default: one image)")
-    p.add_argument("--split", default="seed", choices=["seed", "standard"], help="the split (default: seed)")
+    p.add_argument("--split", default="seed", choices=list(SPLITS), help="the split (default: seed)")
     p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")
     p.add_argument("--out", default=None, help="PNG file to write (default: PART-INDEX.png)")
     p.set_defaults(func=cmd_show)
@@ -145,6 +178,29 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="accuracy of the averaged probabilities of several runs",
+                       description="Average the class probabilities of several finished runs (same split) on "
+                                   "their validation part; print each run's accuracy and the ensemble's.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories made by 'mnistlab train'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_ensemble)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time our presets against the seed's code and pytorch/examples, side by side",
+                       description="Run the seed's code as written, the pytorch/examples MNIST recipe and our "
+                                   "presets one after another in fresh processes; print (and with --out write) a "
+                                   "Markdown table: time to 99%%, images/s, FLOP rate against this CPU's peak, "
+                                   "whole command time and peak memory. Takes about 8 minutes; --quick about one.")
+    p.add_argument("--quick", action="store_true", help="bounded runs: speed only, no time to 99%% for references")
+    p.add_argument("--seeds", type=seed_list, default=(0, 1, 2), help="seeds of the fast preset (default: 0,1,2)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnistlab", description="Train, inspect and use MNIST-style digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
@@ -157,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_export(sub)
     _add_serve(sub)
+    _add_ensemble(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -184,27 +242,34 @@ def _progress(enabled: bool):
     return on_batch
 
 
+def describe_sgd(config) -> str:
+    text = f"SGD lr {config.lr} momentum {config.momentum}"
+    extras = [name for name, on in (("nesterov", config.nesterov), (f"weight decay {config.weight_decay}",
+              config.weight_decay), (f"{config.schedule} schedule", config.schedule != "constant"),
+              (f"label smoothing {config.label_smoothing}", config.label_smoothing)) if on]
+    return ", ".join([text, *extras])
+
+
 def format_grid(grid: list[list[int]]) -> str:
     return "[" + ",\n ".join(str(row) for row in grid) + "]"
 
 
 def cmd_train(args) -> int:
     from .runs import default_run_dir, read_config, resume_run, train_run
-    from .train import TrainConfig
 
+    if args.seeds is not None:
+        return _train_seeds(args)
     if args.resume is not None:
         if args.out is not None:
             raise UsageError("--resume continues the run in place; leave out --out")
         config, run_dir = read_config(args.resume), Path(args.resume)
     else:
-        config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             momentum=args.momentum, seed=args.seed, split=args.split, data_dir=args.data_dir,
-                             device=args.device)
+        config = _config_from_args(args)
         run_dir = Path(args.out) if args.out else default_run_dir(config.model)
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
     verb = f"resuming {run_dir}" if args.resume else "training"
-    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, "
-          f"SGD lr {config.lr} momentum {config.momentum}, split {config.split}, seed {config.seed}", flush=True)
+    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, "
+          f"split {config.split}, seed {config.seed}", flush=True)
 
     def on_epoch(r: dict) -> None:
         print(f"epoch {r['epoch']:>3}/{config.epochs}  train_loss {r['train_loss']:.4f}  "
@@ -226,6 +291,57 @@ def cmd_train(args) -> int:
     print(f"true labels:\n{format_grid(s['grid_labels'])}")
     print(f"valid_acc {100 * s['valid_acc']:.2f}%  valid_loss {s['valid_loss']:.4f}  "
           f"trained in {s['train_seconds']:.1f}s; run saved to {result.run_dir}")
+    return 0
+
+
+def _config_from_args(args):
+    from .train import TrainConfig
+
+    return TrainConfig.from_preset(
+        args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
+        label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
+        data_dir=args.data_dir, device=args.device)
+
+
+def _train_seeds(args) -> int:
+    from .runs import default_run_dir
+    from .sweep import format_spread, train_seeds
+
+    if args.resume is not None or args.seed is not None:
+        raise UsageError("--seeds trains fresh runs; leave out --resume and --seed (resume one OUT/seed-S instead)")
+    config = _config_from_args(args)
+    out = Path(args.out) if args.out else default_run_dir(config.model)
+    print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}: {config.epochs} epochs, batch "
+          f"{config.batch_size}, {describe_sgd(config)}, split {config.split}; runs in {out}", flush=True)
+
+    def on_run(seed, result) -> None:
+        s = result.summary
+        print(f"seed {seed}: valid_acc {100 * s['valid_acc']:.2f}%  valid_loss {s['valid_loss']:.4f}  "
+              f"trained in {s['train_seconds']:.1f}s -> {result.run_dir}", flush=True)
+
+    try:
+        summary = train_seeds(config, list(args.seeds), out, force=args.force, on_run=on_run)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished seeds are in {out}; resume the interrupted one with "
+              f"mnistlab train --resume {out}/seed-S", file=sys.stderr)
+        return 130
+    print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from .sweep import ensemble, format_spread
+
+    result = ensemble(args.run_dirs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for m in result["members"]:
+        print(f"{m['run_dir']}: valid_acc {100 * m['valid_acc']:.2f}%")
+    print(f"members: {format_spread(result['member_acc'])}")
+    print(f"ensemble of {len(result['members'])} (mean probabilities): valid_acc {100 * result['valid_acc']:.2f}%  "
+          f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
     return 0
 
 
@@ -372,6 +488,38 @@ def cmd_serve(args) -> int:
     check_run_dir(args.run_dir)
     print(f"serving {args.run_dir} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     serve(args.run_dir, args.host, args.port)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    from .train import resolve_device
+
+    resolve_device(args.device)  # a clear error before minutes of work
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UsageError(f"--out {out}: expected a file in an existing folder")
+    plan = bench.BenchPlan(quick=args.quick, seeds=args.seeds, device=args.device)
+    print(f"machine: {bench.machine()}", flush=True)
+    peak = bench.peak_flops()
+    results = []
+    for job in plan.jobs():
+        r = bench.run_job(job, args.device)
+        reach = r.time_to()
+        reached = f"after {reach:.1f} s" if reach is not None else "not reached"
+        print(f"{r.name} (seed {r.seed}): {r.images_per_second:,.0f} images/s, valid_acc {100 * r.valid_acc:.2f}% "
+              f"after {len(r.epochs)} epochs, 99% {reached}; "
+              f"whole process {r.wall_seconds:.1f} s, peak RSS {r.max_rss_mb:.0f} MB", flush=True)
+        results.append(r)
+    rows = bench.summarize(results, peak)
+    command = "mnistlab bench" + (" --quick" if args.quick else "") + (
+        f" --device {args.device}" if args.device != "cpu" else "")
+    table = bench.markdown(rows, peak, plan, command)
+    if out is not None:
+        from .files import write_text_atomic
+
+        write_text_atomic(out, table)
+    print(json.dumps(rows, indent=2) if args.json else "\n" + table, end="" if not args.json else "\n")
     return 0
 
 

@@ -28,7 +28,7 @@ MNIST_FILES = {
     "test_labels": ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
 IMAGE_SIDE = 28
-SPLITS = ("seed", "standard")
+SPLITS = ("seed", "standard", "holdout")
 SOURCES = ("shipped", "openml")
 
 
@@ -220,10 +220,15 @@ def split_sizes(n: int, how: str = "seed", n_train: int = 60000) -> tuple[int, i
     """Sizes of the train and validation parts for ``n`` rows."""
     if how not in SPLITS:
         raise UsageError(f"unknown split {how!r}; expected one of: {', '.join(SPLITS)}")
-    first = round(n * 5 / 7) if how == "seed" else n_train
-    if not 0 < first < n:
-        raise UsageError(f"split {how!r} of {n} rows leaves an empty part (train {first}, valid {n - first})")
-    return first, n - first
+    if how == "seed":
+        first, stop = round(n * 5 / 7), n
+    elif how == "standard":
+        first, stop = n_train, n
+    else:
+        first, stop = round(min(n_train, n) * 5 / 6), min(n_train, n)
+    if not 0 < first < stop:
+        raise UsageError(f"split {how!r} of {n} rows leaves an empty part (train {first}, valid {stop - first})")
+    return first, stop - first
 
 
 def split(X, Y, how: str = "seed", n_train: int = 60000):
@@ -232,8 +237,11 @@ def split(X, Y, how: str = "seed", n_train: int = 60000):
     ``"seed"``: the walk-through's 5:2 split (first 50,000 rows train, last 20,000 valid).
     ``"standard"``: the classic split, the first ``n_train`` rows (MNIST's 60,000
     training images) train, the rest (the 10,000 test images) valid.
+    ``"holdout"``: for choosing hyperparameters without looking at the test images: the
+    training images alone, their first five sixths (50,000) train, the last sixth
+    (10,000) valid.
     """
     if len(X) != len(Y):
         raise UsageError(f"X has {len(X)} rows but Y has {len(Y)}; they must match")
-    first, _ = split_sizes(len(X), how, n_train)
-    return X[:first], Y[:first], X[first:], Y[first:]
+    first, size = split_sizes(len(X), how, n_train)
+    return X[:first], Y[:first], X[first : first + size], Y[first : first + size]

@@ -20,11 +20,13 @@ RIGHT = "black"
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` to ``path`` atomically (a watcher never sees half a PNG) and close it."""
+    """Write ``fig`` to ``path`` atomically (a watcher never sees half a PNG).
 
-
+    Every figure here lays itself out (``tight_layout``), so it is drawn once, not twice as
+    ``bbox_inches="tight"`` would.
+    """
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)
     return write_bytes_atomic(path, buf.getvalue())
 
 
@@ -40,6 +42,7 @@ def plot_example(image, label: int | None = None, title: str | None = None) -> F
     ax.set_title(title or (f"label {label}" if label is not None else "image"))
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
+    fig.tight_layout()
     return fig
 
 

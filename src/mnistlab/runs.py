@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -137,15 +138,21 @@ def resume_run(
     return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch)
 
 
+LOSS_PLOT_EVERY = 10.0  # seconds: loss.png is redrawn at most this often while training, and after the last epoch
+
+
 def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch) -> RunResult:
     device = resolve_device(config.device)
     x_train, y_train, x_valid, y_valid = load_split(config, ds)
+    last_plot = [time.monotonic()]
 
     def epoch_done(record: dict) -> None:
         history.epochs.append(record)
         checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs)
         write_metrics(run_dir, history)
-        plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
+        if record["epoch"] == config.epochs or time.monotonic() - last_plot[0] >= LOSS_PLOT_EVERY:
+            plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
+            last_plot[0] = time.monotonic()
         if on_epoch is not None:
             on_epoch(record)
 

@@ -1,0 +1,44 @@
+"""Data augmentation on whole batches: random affine maps (shift, rotation, scale).
+
+One ``affine_grid`` + ``grid_sample`` per batch, on the batch's device; random numbers
+come from torch's global generator, so a seeded run is repeatable and resumes exactly.
+The label of every image is unchanged: the maps are small enough to keep a digit itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Ranges of the random maps; each drawn uniformly per image."""
+
+    shift: float = 2.0  # pixels, in x and in y independently: [-shift, shift]
+    rotate: float = 10.0  # degrees: [-rotate, rotate]
+    scale: float = 0.1  # relative: [1 - scale, 1 + scale]
+
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        """``xb``: float images (B, 784) or (B, 1, 28, 28) -> augmented (B, 1, 28, 28), same dtype and device."""
+        xb = xb.reshape(-1, 1, 28, 28)
+        n = len(xb)
+        if n == 0:
+            return xb
+        r = torch.rand(n, 4, device=xb.device, dtype=xb.dtype) * 2 - 1  # uniform in [-1, 1)
+        angle = r[:, 0] * math.radians(self.rotate)
+        zoom = 1 + r[:, 1] * self.scale
+        # affine_grid maps output coordinates to input ones in [-1, 1]: the inverse map.
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([
+            torch.stack([cos, -sin, r[:, 2] * self.shift * 2 / 28], dim=1),
+            torch.stack([sin, cos, r[:, 3] * self.shift * 2 / 28], dim=1),
+        ], dim=1)
+        grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
+        return F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+AUGMENTS = {"none": None, "affine": Augment()}

@@ -1,0 +1,229 @@
+"""Side-by-side speed of training recipes: ours against the references, in one invocation.
+
+Every recipe runs in a fresh Python process, one after another, so each pays its own
+start-up and none shares the CPU with another. For each: seconds of training to 99%
+validation accuracy (validation passes excluded), images per second while training,
+the training's floating-point rate from the model's counted FLOPs per image (forward and
+backward), and that rate as a fraction of this machine's peak, taken as the best rate
+of a large fp32 matrix product here (what the CPU's BLAS reaches; the small convolutions
+of these models cannot do better). Our presets also report the whole command's wall
+time and peak memory (RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TARGET = 0.99
+
+
+@dataclass
+class BenchPlan:
+    """What ``mnistlab bench`` runs. ``quick``: bounded runs that measure speed, not time to 99%."""
+
+    quick: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)  # for the fast preset
+    device: str = "cpu"
+
+    def jobs(self) -> list[dict]:
+        if self.quick:
+            return [
+                {"name": "seed's code as written", "kind": "reference", "recipe": "seed", "epochs": 1,
+                 "max_batches": 300, "max_valid": 2000},
+                {"name": "pytorch/examples", "kind": "reference", "recipe": "examples", "epochs": 1,
+                 "max_batches": 40, "max_valid": 2000},
+                {"name": "mnistlab --preset seed", "kind": "preset", "preset": "seed", "epochs": 1},
+                {"name": "mnistlab --preset fast", "kind": "preset", "preset": "fast", "seed": 0},
+            ]
+        return [
+            {"name": "seed's code as written", "kind": "reference", "recipe": "seed", "epochs": 15},
+            {"name": "pytorch/examples", "kind": "reference", "recipe": "examples", "epochs": 4, "target": TARGET},
+            {"name": "mnistlab --preset seed", "kind": "preset", "preset": "seed"},
+            *({"name": "mnistlab --preset fast", "kind": "preset", "preset": "fast", "seed": s} for s in self.seeds),
+        ]
+
+
+@dataclass
+class Measured:
+    name: str
+    epochs: list[dict] = field(default_factory=list)  # per epoch: train_seconds (cumulative), images, valid_acc
+    wall_seconds: float = 0.0
+    max_rss_mb: float = 0.0
+    flops_per_image: float = 0.0
+    seed: int = 0
+
+    @property
+    def train_seconds(self) -> float:
+        return self.epochs[-1]["train_seconds"]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.epochs[-1]["images"] / self.train_seconds
+
+    @property
+    def valid_acc(self) -> float:
+        return self.epochs[-1]["valid_acc"]
+
+    def time_to(self, target: float = TARGET) -> float | None:
+        return next((e["train_seconds"] for e in self.epochs if e["valid_acc"] >= target), None)
+
+
+def peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 FLOP/s of ``size`` x ``size`` matrix products on this CPU (all threads)."""
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def training_flops_per_image(model: torch.nn.Module, loss_func=None, batch: int = 64) -> float:
+    """Counted FLOPs of one training step (forward and backward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss_func = loss_func or torch.nn.functional.cross_entropy
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        loss_func(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def _model_flops(job: dict) -> float:
+    from . import reference
+    from .models import create_model
+    from .train import PRESETS
+
+    if job["kind"] == "reference":
+        if job["recipe"] == "seed":
+            return training_flops_per_image(reference.SeedCNN())
+        return training_flops_per_image(reference.ExamplesNet(), torch.nn.functional.nll_loss)
+    return training_flops_per_image(create_model(PRESETS[job["preset"]]["model"]))
+
+
+def _run(cmd: list[str], stdout) -> tuple[float, float, int]:
+    """Run ``cmd``; returns wall seconds, peak RSS in MB, exit status (from wait4: this child alone)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed ({proc.returncode}): {last[0]}")
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def run_job(job: dict, device: str = "cpu") -> Measured:
+    seed = job.get("seed", 0)
+    result = Measured(job["name"], seed=seed, flops_per_image=_model_flops(job))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "stdout"
+        if job["kind"] == "reference":
+            cmd = [sys.executable, "-m", "mnistlab.reference", job["recipe"], "--epochs", str(job["epochs"]),
+                   "--seed", str(seed), "--device", device]
+            if job.get("max_batches"):
+                cmd += ["--max-batches", str(job["max_batches"])]
+            if job.get("target"):
+                cmd += ["--target", str(job["target"])]
+            if job.get("max_valid"):
+                cmd += ["--max-valid", str(job["max_valid"])]
+            with open(log, "wb") as out:
+                result.wall_seconds, result.max_rss_mb, _ = _run(cmd, out)
+            result.epochs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        else:
+            run_dir = Path(tmp) / "run"
+            cmd = [sys.executable, "-m", "mnistlab", "train", "--preset", job["preset"], "--seed", str(seed),
+                   "--device", device, "--out", str(run_dir)]
+            if job.get("epochs"):
+                cmd += ["--epochs", str(job["epochs"])]
+            with open(log, "wb") as out:
+                result.wall_seconds, result.max_rss_mb, _ = _run(cmd, out)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            total, images = 0.0, 0
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                total += record["train_seconds"]
+                images += summary["n_train"]
+                result.epochs.append({"epoch": record["epoch"], "train_seconds": total, "images": images,
+                                      "valid_acc": record["valid_acc"]})
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def summarize(results: list[Measured], peak: float) -> list[dict]:
+    """One row per recipe name (several seeds: medians of speed, mean and min of accuracy)."""
+    import statistics
+
+    rows, by_name = [], {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r)
+    seed_code = by_name.get("seed's code as written", [None])[0]
+    for name, runs in by_name.items():
+        ips = statistics.median(r.images_per_second for r in runs)
+        reach = [r.time_to() for r in runs]
+        row = {
+            "recipe": name, "runs": len(runs), "epochs": len(runs[0].epochs),
+            "valid_acc_mean": statistics.fmean(r.valid_acc for r in runs),
+            "valid_acc_min": min(r.valid_acc for r in runs),
+            "train_seconds": statistics.median(r.train_seconds for r in runs),
+            "seconds_to_99": statistics.median(reach) if all(t is not None for t in reach) else None,
+            "images_per_second": ips,
+            "gflops": runs[0].flops_per_image * ips / 1e9,
+            "percent_of_peak": 100 * runs[0].flops_per_image * ips / peak,
+            "mflops_per_image": runs[0].flops_per_image / 1e6,
+            "wall_seconds": statistics.median(r.wall_seconds for r in runs),
+            "max_rss_mb": max(r.max_rss_mb for r in runs),
+            "speedup_images_per_second": ips / seed_code.images_per_second if seed_code else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> str:
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    lines = [
+        f"Machine: {machine()}; peak (fp32 matrix product): {peak / 1e9:.0f} GFLOP/s. Device: {plan.device}.",
+        f"Command: `{command}`{' (quick: bounded runs, speed only)' if plan.quick else ''}.",
+        "",
+        "| recipe | runs | epochs | valid acc (mean / min) | s to 99% | training s | images/s | vs seed code "
+        "| MFLOP/image | GFLOP/s | % of peak | whole command s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['runs']} | {r['epochs']} | {100 * r['valid_acc_mean']:.2f}% / "
+            f"{100 * r['valid_acc_min']:.2f}% | {num(r['seconds_to_99'], '.1f')} | {r['train_seconds']:.1f} | "
+            f"{r['images_per_second']:,.0f} | {num(r['speedup_images_per_second'], '.2f')}x | "
+            f"{r['mflops_per_image']:.2f} | {r['gflops']:.1f} | {r['percent_of_peak']:.1f}% | "
+            f"{r['wall_seconds']:.1f} | {r['max_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"

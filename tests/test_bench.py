@@ -1,0 +1,73 @@
+"""`mnistlab bench`: its arithmetic and plumbing on tiny runs (the timings themselves are benchmarks)."""
+
+import pytest
+import torch
+
+from mnistlab import bench, reference
+from mnistlab.models import create_model
+
+from .test_cli import run_cli
+
+
+def test_flops_of_the_linear_model_are_counted_exactly():
+    # forward x @ W.T: 2 * 784 * 10 per image; backward: the weight gradient only (inputs need none)
+    assert bench.training_flops_per_image(create_model("linear")) == 2 * (2 * 784 * 10)
+
+
+def test_flops_grow_with_the_model():
+    seed_cnn = bench.training_flops_per_image(reference.SeedCNN())
+    assert seed_cnn == bench.training_flops_per_image(create_model("cnn"))  # the same network
+    assert seed_cnn < bench.training_flops_per_image(create_model("fastcnn"))
+
+
+def _measured(name, accs, seconds, images_per_epoch=50000, flops=1e6, seed=0):
+    epochs = [{"epoch": i + 1, "train_seconds": seconds * (i + 1), "images": images_per_epoch * (i + 1),
+               "valid_acc": a} for i, a in enumerate(accs)]
+    return bench.Measured(name, epochs, wall_seconds=seconds * len(accs) + 3, max_rss_mb=400, flops_per_image=flops,
+                          seed=seed)
+
+
+def test_summary_rows_time_to_99_and_ratios():
+    results = [
+        _measured("seed's code as written", [0.9, 0.95], 10.0),
+        _measured("mnistlab --preset fast", [0.985, 0.991], 2.0, seed=0),
+        _measured("mnistlab --preset fast", [0.99, 0.992], 4.0, seed=1),
+    ]
+    rows = {r["recipe"]: r for r in bench.summarize(results, peak=100e9)}
+    seed, fast = rows["seed's code as written"], rows["mnistlab --preset fast"]
+    assert seed["seconds_to_99"] is None and seed["images_per_second"] == 5000
+    assert fast["runs"] == 2 and fast["seconds_to_99"] == pytest.approx(4.0)  # median of 4.0 and 4.0
+    assert fast["images_per_second"] == pytest.approx((25000 + 12500) / 2)
+    assert fast["speedup_images_per_second"] == pytest.approx(18750 / 5000)
+    assert fast["valid_acc_mean"] == pytest.approx(0.9915) and fast["valid_acc_min"] == 0.991
+    assert fast["percent_of_peak"] == pytest.approx(100 * 1e6 * 18750 / 100e9)
+    table = bench.markdown(list(rows.values()), 100e9, bench.BenchPlan(), "mnistlab bench")
+    assert "| mnistlab --preset fast | 2 | 2 | 99.15% / 99.10% | 4.0 |" in table
+    assert "| seed's code as written | 1 | 2 | 95.00% / 95.00% | — |" in table
+
+
+def test_quick_plan_is_bounded_and_full_plan_runs_every_seed():
+    quick = bench.BenchPlan(quick=True).jobs()
+    assert all(j.get("max_batches") or j.get("epochs") or j["preset"] == "fast" for j in quick)
+    full = bench.BenchPlan(seeds=(0, 1, 2)).jobs()
+    assert [j["seed"] for j in full if j.get("preset") == "fast"] == [0, 1, 2]
+
+
+def test_reference_recipe_runs_in_its_own_process():
+    job = {"name": "seed's code as written", "kind": "reference", "recipe": "seed", "epochs": 1, "max_batches": 5}
+    r = bench.run_job(job)
+    assert len(r.epochs) == 1 and r.epochs[0]["images"] == 5 * 64
+    assert 0 < r.epochs[0]["valid_acc"] < 1 and r.max_rss_mb > 50 and r.wall_seconds > r.train_seconds > 0
+
+
+def test_reference_examples_net_shapes():
+    out = reference.ExamplesNet()(torch.rand(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.allclose(out.exp().sum(1), torch.ones(2))
+
+
+def test_bench_bad_options_are_one_line(tmp_path, capsys):
+    assert run_cli(["bench", "--out", str(tmp_path / "missing" / "bench.md")]) == 2
+    assert "expected a file in an existing folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_cli(["bench", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnistlab.models import create_model
+from mnistlab.optim import SGD, learning_rate
+
+
+def _train(model, opt, steps=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.rand(16, 784, generator=g), torch.randint(0, 10, (16,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.5, "momentum": 0.0},
+    {"lr": 0.3, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+    {"lr": 0.2, "momentum": 0.0, "weight_decay": 1e-3},
+])
+def test_sgd_is_torch_sgd_bit_for_bit(kwargs):
+    models = []
+    for make_opt in (lambda p: torch.optim.SGD(p, **kwargs), lambda p: SGD(p, **kwargs)):
+        torch.manual_seed(0)
+        model = create_model("fastcnn")
+        _train(model, make_opt(model.parameters()))
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sgd_state_round_trips_through_torchs_layout():
+    torch.manual_seed(0)
+    model = create_model("cnn")
+    ours = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, ours, steps=2)
+    theirs = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    theirs.load_state_dict(ours.state_dict())  # torch reads what we write
+    again = SGD(model.parameters(), lr=0.7, momentum=0.9)
+    again.load_state_dict(theirs.state_dict())  # and we read what torch writes
+    assert again.param_groups[0]["lr"] == 0.1
+    for p in model.parameters():
+        assert torch.equal(again.state[p]["momentum_buffer"], ours.state[p]["momentum_buffer"])
+    with pytest.raises(ValueError, match="does not match"):
+        SGD(create_model("linear").parameters(), lr=0.1).load_state_dict(ours.state_dict())
+
+
+def test_onecycle_rises_then_falls_to_zero():
+    lrs = [learning_rate("onecycle", 0.4, step, 100, warmup=0.25) for step in range(100)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(0.4) and peak == 24
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
+    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :], strict=True))
+    assert 0 < lrs[-1] < 0.01 and lrs[0] == pytest.approx(0.4 / 25)
+    assert learning_rate("constant", 0.1, 50, 100) == 0.1
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        learning_rate("cosine", 0.1, 0, 10)

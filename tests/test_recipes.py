@@ -1,0 +1,157 @@
+"""Presets, augmentation, the holdout split, several seeds at once, and ensembles."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mnistlab
+from mnistlab.augment import Augment
+from mnistlab.checkpoint import load_model
+from mnistlab.cli import main
+from mnistlab.data import split
+from mnistlab.errors import RunError, UsageError
+from mnistlab.evaluate import predict, predict_proba
+from mnistlab.prepare import prepare_array
+from mnistlab.sweep import ensemble, spread, train_seeds
+from mnistlab.train import PRESETS, TrainConfig
+
+from .test_cli import run_cli
+
+TRAINED = Path(__file__).parent / "data" / "cnn-seed0"  # the seed's CNN, 96.67% (see tests/data/README.md)
+
+
+def test_presets_fill_the_config_and_explicit_values_win():
+    fast = TrainConfig.from_preset("fast")
+    assert (fast.model, fast.schedule, fast.nesterov, fast.preset) == ("fastcnn", "onecycle", True, "fast")
+    assert TrainConfig.from_preset("fast", epochs=5, lr=None).epochs == 5  # None: not given, the preset's value
+    assert TrainConfig.from_preset("fast", lr=None).lr == PRESETS["fast"]["lr"]
+    seed = TrainConfig.from_preset("seed")
+    assert (seed.model, seed.epochs, seed.batch_size, seed.lr, seed.momentum) == ("cnn", 15, 64, 0.1, 0.9)
+    assert TrainConfig.from_preset(None, model="linear").lr == 0.5
+    with pytest.raises(UsageError, match="unknown preset 'quick'; expected one of: seed, fast, best"):
+        TrainConfig.from_preset("quick")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be a number in \[0, 1\)"),
+    ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
+    ({"augment": "elastic"}, "unknown augment 'elastic'; expected one of: none, affine"),
+    ({"nesterov": True, "momentum": 0.0}, "nesterov needs a momentum above 0"),
+    ({"split": "half"}, "expected one of: seed, standard, holdout"),
+])
+def test_bad_recipe_values_are_rejected(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_holdout_split_uses_training_images_only(mnist):
+    x_train, y_train, x_valid, y_valid = split(mnist.images, mnist.labels, "holdout", n_train=mnist.n_train)
+    assert (len(x_train), len(x_valid)) == (50000, 10000)
+    np.testing.assert_array_equal(x_valid, mnist.images[50000:60000])  # never the 10,000 test images
+    np.testing.assert_array_equal(y_train, mnist.labels[:50000])
+
+
+def test_augment_shapes_determinism_and_identity(mnist):
+    x = torch.from_numpy(mnist.images[:64]).float() / 256
+    out = Augment()(x)
+    assert out.shape == (64, 1, 28, 28) and out.dtype == torch.float32
+    torch.manual_seed(3)
+    a = Augment()(x)
+    torch.manual_seed(3)
+    b = Augment()(x)
+    assert torch.equal(a, b)  # the same seed, the same maps
+    assert not torch.equal(a, Augment()(x))
+    identity = Augment(shift=0, rotate=0, scale=0)(x)
+    torch.testing.assert_close(identity.reshape(64, 784), x, atol=1e-5, rtol=0)
+    ink = x.sum(dim=1)
+    assert torch.all((a.reshape(64, -1).sum(dim=1) / ink - 1).abs() < 0.35)  # scaling by <= 10% keeps the ink
+    assert Augment()(x[:0]).shape == (0, 1, 28, 28)
+
+
+def test_augmented_digits_keep_their_labels(mnist):
+    """Re-centred and re-scaled as MNIST's digits were (which undoes the shift and the scaling),
+    augmented validation digits are classified by a trained model nearly as well as the originals:
+    the maps keep each digit itself, only the rotation remains."""
+    model, _ = load_model(TRAINED)
+    x, y = mnist.images[50000:51000], mnist.labels[50000:51000]
+    clean = (predict(model, x) == y).mean()
+    torch.manual_seed(0)
+    augmented = (Augment()(torch.from_numpy(x).float() / 256) * 256).clamp(0, 255).numpy().reshape(-1, 28, 28)
+    prepared = np.stack([prepare_array(a) for a in augmented])
+    moved = (predict(model, prepared) == y).mean()
+    assert clean > 0.95 and moved > clean - 0.03, (clean, moved)
+
+
+def test_training_with_augmentation_is_repeatable(small_dir):
+    results = []
+    for _ in range(2):
+        config = TrainConfig.from_preset("fast", epochs=1, batch_size=64, augment="affine", data_dir=str(small_dir))
+        ds = mnistlab.load_dataset(small_dir)
+        x_train, y_train, x_valid, y_valid = split(ds.images, ds.labels, "seed", n_train=ds.n_train)
+        torch.manual_seed(0)
+        model = mnistlab.create_model("fastcnn")
+        history = mnistlab.fit(model, x_train, y_train, x_valid, y_valid, config, device="cpu")
+        results.append((history.valid_loss, model.head.weight.detach().clone()))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+
+
+def test_train_seeds_reports_the_spread(tmp_path, small_dir):
+    config = TrainConfig(model="linear", epochs=1, data_dir=str(small_dir))
+    summary = train_seeds(config, [0, 1], tmp_path / "runs")
+    accs = [json.loads((tmp_path / "runs" / f"seed-{s}" / "summary.json").read_text())["valid_acc"] for s in (0, 1)]
+    assert [r["valid_acc"] for r in summary["runs"]] == accs
+    assert summary["valid_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert summary["valid_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    assert json.loads((tmp_path / "runs" / "seeds.json").read_text()) == summary
+    assert json.loads((tmp_path / "runs" / "seed-1" / "config.json").read_text())["seed"] == 1
+    with pytest.raises(UsageError, match="seeds must be distinct"):
+        train_seeds(config, [1, 1], tmp_path / "other")
+
+
+def test_spread_of_one_value_has_no_deviation():
+    assert spread([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+
+
+def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
+    out = tmp_path / "sweep"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--data-dir", str(small_dir), "--seeds", "0,1",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "seed 0: valid_acc" in text and "seed 1: valid_acc" in text and "± " in text
+    assert main(["train", "--seeds", "0,1", "--seed", "3", "--data-dir", str(small_dir)]) == 2
+    assert "leave out --resume and --seed" in capsys.readouterr().err
+    assert run_cli(["train", "--seeds", "0,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+    runs = [str(out / "seed-0"), str(out / "seed-1")]
+    assert main(["ensemble", *runs, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ds = mnistlab.load_dataset(small_dir)
+    _, _, x_valid, y_valid = split(ds.images, ds.labels, "seed", n_train=ds.n_train)
+    probas = [predict_proba(load_model(r)[0], x_valid) for r in runs]
+    expected = float(((probas[0] + probas[1]).argmax(1) == y_valid).mean())
+    assert result["valid_acc"] == pytest.approx(expected)
+    assert [m["valid_acc"] for m in result["members"]] == pytest.approx(
+        [float((p.argmax(1) == y_valid).mean()) for p in probas])
+
+
+def test_an_ensemble_of_one_run_is_that_run(mnist):
+    result = ensemble([TRAINED], dataset=mnist)
+    assert result["valid_acc"] == pytest.approx(0.9667, abs=1e-4)
+    assert result["members"][0]["valid_acc"] == result["valid_acc"]
+
+
+def test_ensemble_refuses_runs_of_different_splits(tmp_path, small_dir, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--data-dir", str(small_dir), "--out", str(a)]) == 0
+    assert main(["train", "--model", "linear", "--epochs", "1", "--data-dir", str(small_dir), "--split", "standard",
+                 "--out", str(b)]) == 0
+    with pytest.raises(RunError, match="an ensemble needs one validation part"):
+        ensemble([a, b])
+    capsys.readouterr()
+    assert main(["ensemble", str(a), str(tmp_path / "missing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
