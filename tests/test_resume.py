@@ -1,5 +1,6 @@
 """Interrupted training resumes exactly: SIGKILL mid-epoch, SIGINT, then --resume."""
 
+import errno
 import json
 import os
 import signal
@@ -98,3 +99,51 @@ def test_a_forced_rerun_replaces_the_old_run(tmp_path, small_dir):
     assert main(["train", "--data-dir", str(small_dir), "--epochs", "1", "--out", str(run), "--force"]) == 0
     assert len(_metrics(run)) == 1 and json.loads((run / "summary.json").read_text())["epochs"] == 1
     assert os.path.exists(run / "checkpoint.safetensors")
+
+
+def test_a_full_disk_stops_training_cleanly_and_resume_finishes(tmp_path, small_dir, monkeypatch, capsys):
+    """The second epoch's checkpoint hits ENOSPC half-way through: one line, exit 1, the first
+    epoch's checkpoint intact, no temporary file left, no summary; once there is room, --resume finishes."""
+    from mnistlab import files
+
+    real_mkstemp, real_fdopen = files.tempfile.mkstemp, files.os.fdopen
+    state = {"prefix": "", "checkpoints": 0}
+
+    def mkstemp(*args, **kwargs):
+        state["prefix"] = kwargs.get("prefix", "")
+        return real_mkstemp(*args, **kwargs)
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, mode):
+        f = real_fdopen(fd, mode)
+        if state["prefix"].startswith(".checkpoint.safetensors"):
+            state["checkpoints"] += 1
+            if state["checkpoints"] == 2:
+                return FullDisk(f)
+        return f
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
+    assert main(["train", "--data-dir", str(small_dir), "--epochs", "3", "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"mnistlab train: error: No space left on device: {run / 'checkpoint.safetensors'}"
+    assert not (run / "summary.json").exists()
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert len(_metrics(run)) == 1  # the metrics of the epoch whose checkpoint made it
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3

@@ -103,10 +103,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _start_server(*extra):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "serve", str(TRAINED), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "serve", str(TRAINED), "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -114,13 +113,32 @@ def server():
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
                 assert json.load(r)["status"] == "ok"
-            break
+            return proc, url
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = _start_server()
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def test_several_worker_processes_answer(mnist):
+    proc, url = _start_server("--workers", "2")
+    try:
+        expected = mnistlab.load_run(TRAINED).predict(mnist.images[50000:50010])
+        for image, label in zip(mnist.images[50000:50010], expected, strict=True):
+            request = urllib.request.Request(url + "/predict", data=json.dumps({"pixels": image.tolist()}).encode(),
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert json.load(r)["label"] == label
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) is not None
 
 
 def test_the_server_binds_to_loopback_by_default(server):

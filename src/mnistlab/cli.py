@@ -175,6 +175,8 @@ def _add_serve(sub) -> None:
     p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="server processes, each with the model and one torch thread (default: 1)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -487,7 +489,7 @@ def cmd_serve(args) -> int:
 
     check_run_dir(args.run_dir)
     print(f"serving {args.run_dir} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    serve(args.run_dir, args.host, args.port)
+    serve(args.run_dir, args.host, args.port, args.workers)
     return 0
 
 

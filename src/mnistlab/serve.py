@@ -15,13 +15,16 @@ import torch
 
 from .classifier import load_run
 from .errors import UsageError
+from .evaluate import prepare
 from .prepare import MAX_BYTES, ImageError, prepare_image
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 except ImportError:  # pragma: no cover - exercised only without the extra
     FastAPI = None
+
+RUN_DIR_ENV = "MNISTLAB_SERVE_RUN_DIR"  # how `serve --workers N` tells each worker process its run
 
 
 class _BadRequest(Exception):
@@ -53,7 +56,8 @@ def create_app(run_dir: str | os.PathLike):
     if FastAPI is None:
         raise UsageError("serving needs FastAPI and uvicorn: pip install 'mnistlab[serve]'")
     classifier = load_run(run_dir)
-    name = classifier.model.__class__.__name__
+    model = classifier.model.eval()
+    name = model.__class__.__name__
     page = resources.files("mnistlab").joinpath("static/draw.html").read_text()
     app = FastAPI(title="mnistlab", description=f"Digit classifier from {run_dir}")
 
@@ -69,9 +73,14 @@ def create_app(run_dir: str | os.PathLike):
     def health() -> dict:
         return {"status": "ok", "model": name}
 
-    @app.post("/predict")
-    async def predict(request: Request) -> dict:
-        """An uploaded image file (multipart field ``file``, or the raw bytes) or JSON ``{"pixels": ...}``."""
+    @app.post("/predict", response_model=None, responses={200: {"description": "the label and all probabilities",
+                                                             "content": {"application/json": {"example": {
+                                                                 "label": 7, "probabilities": [0.0] * 10}}}}})
+    async def predict(request: Request) -> Response:
+        """An uploaded image file (multipart field ``file``, or the raw bytes) or JSON ``{"pixels": ...}``.
+
+        Answers ``{"label": int, "probabilities": [float, ...]}`` (one per class).
+        """
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
             body = await _read_limited(request)
@@ -88,8 +97,11 @@ def create_app(run_dir: str | os.PathLike):
             pixels = _prepare(data, upload.filename or "upload")
         else:
             pixels = _prepare(await _read_limited(request), "body")
-        proba = classifier.predict_proba(pixels)[0]
-        return {"label": int(proba.argmax()), "probabilities": [round(float(p), 6) for p in proba]}
+        with torch.inference_mode():  # one (1, 784) image, uint8 or floats in [0, 1): straight to the model
+            proba = torch.softmax(model(prepare(torch.from_numpy(pixels))).float(), dim=1)[0].tolist()
+        label = max(range(len(proba)), key=proba.__getitem__)
+        body = json.dumps({"label": label, "probabilities": [round(p, 6) for p in proba]})
+        return Response(body, media_type="application/json")  # skips FastAPI's generic serialisation
 
     return app
 
@@ -113,10 +125,21 @@ def _prepare(data: bytes, name: str) -> np.ndarray:
         raise _BadRequest(413 if "allowed" in str(exc) else 400, str(exc)) from None
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
+def app_from_env():
+    """The app of the run named by ``$MNISTLAB_SERVE_RUN_DIR``: what each worker process builds."""
     # One image per request: a second intra-op thread only spins and steals the CPU that
     # the event loop needs (measured: benchmarks/bench_serve.py).
     torch.set_num_threads(1)
-    uvicorn.run(create_app(run_dir), host=host, port=port, log_level="warning")
+    return create_app(os.environ[RUN_DIR_ENV])
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    import uvicorn
+
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    if workers == 1:
+        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning")
+    else:  # uvicorn starts the processes; each imports this module and builds its own app
+        create_app(run_dir)  # a bad run directory fails here, once, with a clear message
+        uvicorn.run("mnistlab.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")

@@ -252,7 +252,7 @@ def fit(
     device = resolve_device(config.device)
     model.to(device)
     if device.type == "cpu":
-        # oneDNN's convolutions run about 1.5x faster on NHWC (measured: benchmarks/bench_seed.py).
+        # oneDNN runs these convolutions 1.25-1.33x faster channels-last (benchmarks/bench_choices.py).
         model.to(memory_format=torch.channels_last)
     x_train, y_train = as_tensor(x_train, device), as_tensor(y_train, device).long()
     x_valid, y_valid = as_tensor(x_valid, device), as_tensor(y_valid, device).long()

@@ -1,0 +1,99 @@
+"""What each hardware choice is worth: training-step throughput under one change at a time.
+
+For the seed's CNN (batch 64) and the fast preset's model (batch 256), in one process,
+interleaved, --repeats times each: our settings (2 threads, channels-last, fp32, eager)
+against 1 thread, the default NCHW layout, bf16 autocast, torch.compile, and other batch
+sizes. Each measurement is --steps training steps on real MNIST batches after a warm-up;
+the medians are reported as images/s and as a ratio to our settings.
+
+Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mnistlab.bench import machine
+from mnistlab.data import load_dataset
+from mnistlab.evaluate import prepare
+from mnistlab.models import create_model
+from mnistlab.optim import SGD
+
+
+def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = create_model(name)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compiled else model
+    order = torch.randperm(len(x))
+
+    def step(b):
+        idx = order[(b * batch) % (len(x) - batch):][:batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(forward(prepare(x[idx])), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    start = time.perf_counter()
+    for b in range(3):  # warm-up (and, compiled, the compilation)
+        step(b)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for b in range(steps):
+        step(b)
+    rate = steps * batch / (time.perf_counter() - start)
+    torch.set_num_threads(2)
+    return rate, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    args = parser.parse_args()
+    ds = load_dataset()
+    x, y = torch.from_numpy(ds.images[:50000]), torch.from_numpy(ds.labels[:50000]).long()
+    variants = [
+        ("ours: 2 threads, channels-last, fp32, eager", {}),
+        ("1 thread", {"threads": 1}),
+        ("NCHW (default layout)", {"channels_last": False}),
+        ("bf16 autocast", {"bf16": True}),
+        ("batch / 2", {"batch_scale": 0.5}),
+        ("batch x 2", {"batch_scale": 2}),
+    ]
+    if not args.no_compile:
+        variants.append(("torch.compile", {"compiled": True}))
+    print(f"machine: {machine()}; {args.steps} steps, median of {args.repeats}")
+    print("| model (batch) | variant | images/s | vs ours | warm-up s |")
+    print("|---|---|---|---|---|")
+    for name, batch in (("cnn", 64), ("fastcnn", 256)):
+        rates = {label: [] for label, _ in variants}
+        warms = {label: [] for label, _ in variants}
+        for _ in range(args.repeats):
+            for label, kw in variants:
+                kw = dict(kw)
+                b = int(batch * kw.pop("batch_scale", 1))
+                if kw.get("compiled") and warms[label]:
+                    rate, warm = rates[label][0], warms[label][0]  # compile once; its rate is stable
+                else:
+                    rate, warm = steps_per_second(name, b, args.steps, x, y, **kw)
+                rates[label].append(rate)
+                warms[label].append(warm)
+        base = statistics.median(rates[variants[0][0]])
+        for label, _ in variants:
+            r, warm = statistics.median(rates[label]), statistics.median(warms[label])
+            print(f"| {name} ({batch}) | {label} | {r:,.0f} | {r / base:.2f}x | {warm:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
