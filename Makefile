@@ -22,7 +22,7 @@ train: setup
 	$(VENV)/bin/mnistlab train --model cnn --out $(RUN) --force
 
 test: setup
-	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks fuzz
 	$(PY) -m pytest -q
 
 bench: setup

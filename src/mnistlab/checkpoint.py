@@ -69,6 +69,9 @@ def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, 
             if isinstance(value, torch.Tensor):
                 tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
     tensors["rng"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # augmentation draws on the GPU there
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_rng.{i}"] = state
     meta = {"epoch": epoch, "epochs": epochs, "param_groups": opt_state["param_groups"]}
     write_bytes_atomic(Path(directory) / STATE, save(tensors, metadata={"state": json.dumps(meta)}))
 
@@ -95,4 +98,8 @@ def load_state(directory: str | os.PathLike, model: nn.Module, opt) -> tuple[int
             state.setdefault(int(index), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("cuda_rng.")), key=lambda k: int(k.split(".")[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return int(meta["epoch"]), list(meta["epochs"])
