@@ -122,6 +122,7 @@ def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "seed 0: valid_acc" in text and "seed 1: valid_acc" in text and "± " in text
+    assert "seed 0 epoch   1/1" in text and "seed 1 epoch   1/1" in text
     assert main(["train", "--seeds", "0,1", "--seed", "3", "--data-dir", str(small_dir)]) == 2
     assert "leave out --resume and --seed" in capsys.readouterr().err
     assert run_cli(["train", "--seeds", "0,x"]) == 2
