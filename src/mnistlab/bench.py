@@ -115,54 +115,53 @@ def _model_flops(job: dict) -> float:
     return training_flops_per_image(create_model(PRESETS[job["preset"]]["model"]))
 
 
-def _run(cmd: list[str], stdout) -> tuple[float, float, int]:
-    """Run ``cmd``; returns wall seconds, peak RSS in MB, exit status (from wait4: this child alone)."""
+def _run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` with its stdout in ``log``; returns wall seconds and peak RSS in MB (wait4: this child alone)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed ({proc.returncode}): {last[0]}")
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed ({code}): {last[0]}")
+    return wall, usage.ru_maxrss / 1024
 
 
 def run_job(job: dict, device: str = "cpu") -> Measured:
     seed = job.get("seed", 0)
     result = Measured(job["name"], seed=seed, flops_per_image=_model_flops(job))
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "stdout"
+        log, run_dir = Path(tmp) / "stdout", Path(tmp) / "run"
         if job["kind"] == "reference":
-            cmd = [sys.executable, "-m", "mnistlab.reference", job["recipe"], "--epochs", str(job["epochs"]),
-                   "--seed", str(seed), "--device", device]
-            if job.get("max_batches"):
-                cmd += ["--max-batches", str(job["max_batches"])]
-            if job.get("target"):
-                cmd += ["--target", str(job["target"])]
-            if job.get("max_valid"):
-                cmd += ["--max-valid", str(job["max_valid"])]
-            with open(log, "wb") as out:
-                result.wall_seconds, result.max_rss_mb, _ = _run(cmd, out)
-            result.epochs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            cmd = [sys.executable, "-m", "mnistlab.reference", job["recipe"], "--epochs", str(job["epochs"])]
+            for key in ("max_batches", "target", "max_valid"):
+                if job.get(key):
+                    cmd += [f"--{key.replace('_', '-')}", str(job[key])]
         else:
-            run_dir = Path(tmp) / "run"
-            cmd = [sys.executable, "-m", "mnistlab", "train", "--preset", job["preset"], "--seed", str(seed),
-                   "--device", device, "--out", str(run_dir)]
+            cmd = [sys.executable, "-m", "mnistlab", "train", "--preset", job["preset"], "--out", str(run_dir)]
             if job.get("epochs"):
                 cmd += ["--epochs", str(job["epochs"])]
-            with open(log, "wb") as out:
-                result.wall_seconds, result.max_rss_mb, _ = _run(cmd, out)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            total, images = 0.0, 0
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-                record = json.loads(line)
-                total += record["train_seconds"]
-                images += summary["n_train"]
-                result.epochs.append({"epoch": record["epoch"], "train_seconds": total, "images": images,
-                                      "valid_acc": record["valid_acc"]})
+        result.wall_seconds, result.max_rss_mb = _run(cmd + ["--seed", str(seed), "--device", device], log)
+        if job["kind"] == "reference":
+            result.epochs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        else:
+            result.epochs = _preset_epochs(run_dir)
     return result
+
+
+def _preset_epochs(run_dir: Path) -> list[dict]:
+    """A finished run's epochs as the references report theirs: cumulative training seconds and images."""
+    n_train = json.loads((run_dir / "summary.json").read_text())["n_train"]
+    epochs, total = [], 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        total += record["train_seconds"]
+        epochs.append({"epoch": record["epoch"], "train_seconds": total, "images": n_train * record["epoch"],
+                       "valid_acc": record["valid_acc"]})
+    return epochs
 
 
 def machine() -> str:

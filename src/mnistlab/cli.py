@@ -252,6 +252,11 @@ def describe_sgd(config) -> str:
     return ", ".join([text, *extras])
 
 
+def epoch_line(r: dict, epochs: int) -> str:
+    return (f"epoch {r['epoch']:>3}/{epochs}  train_loss {r['train_loss']:.4f}  valid_loss {r['valid_loss']:.4f}  "
+            f"valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s")
+
+
 def format_grid(grid: list[list[int]]) -> str:
     return "[" + ",\n ".join(str(row) for row in grid) + "]"
 
@@ -274,9 +279,7 @@ def cmd_train(args) -> int:
           f"split {config.split}, seed {config.seed}", flush=True)
 
     def on_epoch(r: dict) -> None:
-        print(f"epoch {r['epoch']:>3}/{config.epochs}  train_loss {r['train_loss']:.4f}  "
-              f"valid_loss {r['valid_loss']:.4f}  valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s",
-              flush=True)
+        print(epoch_line(r, config.epochs), flush=True)
 
     hooks = {"on_batch": _progress(interactive), "on_epoch": on_epoch}
     try:
@@ -322,21 +325,11 @@ def _train_seeds(args) -> int:
         print(f"seed {seed}: valid_acc {100 * s['valid_acc']:.2f}%  valid_loss {s['valid_loss']:.4f}  "
               f"trained in {s['train_seconds']:.1f}s -> {result.run_dir}", flush=True)
 
-    current = {"seed": args.seeds[0]}
-
-    def on_epoch(r: dict) -> None:
-        print(f"seed {current['seed']} epoch {r['epoch']:>3}/{config.epochs}  train_loss {r['train_loss']:.4f}  "
-              f"valid_loss {r['valid_loss']:.4f}  valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s",
-              flush=True)
-
-    def on_seed_done(seed, result) -> None:
-        on_run(seed, result)
-        later = args.seeds[args.seeds.index(seed) + 1 :]
-        current["seed"] = later[0] if later else seed
+    def on_epoch(seed: int, r: dict) -> None:
+        print(f"seed {seed} {epoch_line(r, config.epochs)}", flush=True)
 
     try:
-        summary = train_seeds(config, list(args.seeds), out, force=args.force, on_run=on_seed_done,
-                              on_epoch=on_epoch)
+        summary = train_seeds(config, list(args.seeds), out, force=args.force, on_run=on_run, on_epoch=on_epoch)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished seeds are in {out}; resume the interrupted one with "
               f"mnistlab train --resume {out}/seed-S", file=sys.stderr)

@@ -64,16 +64,29 @@ class CNN(nn.Module):
         return xb.reshape(-1, xb.size(1))
 
 
-class FastCNN(nn.Module):
+class StandardizedNet(nn.Module):
+    """Base of the nets that standardise their input: ``head(features((x - mean) / std))``.
+
+    Inputs are pixels in [0, 1); the standardisation lives in the model, so a saved model
+    needs no outside preprocessing. Subclasses set ``features`` and ``head``.
+    """
+
+    MEAN, STD = 0.1307, 0.3081  # MNIST's training pixels
+    features: nn.Module
+    head: nn.Module
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        xb = (xb.reshape(-1, 1, 28, 28) - self.MEAN) * (1 / self.STD)
+        return self.head(self.features(xb))
+
+
+class FastCNN(StandardizedNet):
     """A small BatchNorm CNN chosen for time to accuracy on a CPU (``--preset fast``).
 
     28x28x1 -> conv 5x5 stride 2 -> 14x14x16 -> conv 3x3 stride 2 -> 7x7x32 -> conv 3x3
     stride 2 -> 4x4x64 -> linear -> C; each conv followed by BatchNorm and ReLU. About
-    0.6 million multiply-adds and 33,000 parameters per image. Inputs are pixels in [0, 1),
-    standardised inside the model, so a saved model needs no outside preprocessing.
+    0.6 million multiply-adds and 33,000 parameters per image.
     """
-
-    MEAN, STD = 0.1307, 0.3081  # MNIST's training pixels
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
@@ -83,20 +96,14 @@ class FastCNN(nn.Module):
         )
         self.head = nn.Linear(4 * 4 * c3, num_classes)
 
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = (xb.reshape(-1, 1, 28, 28) - self.MEAN) * (1 / self.STD)
-        return self.head(self.features(xb))
 
-
-class BNCNN(nn.Module):
+class BNCNN(StandardizedNet):
     """A BatchNorm CNN for accuracy (``--preset best``): three conv stages with max-pooling.
 
     28x28x1 -> conv 5x5 -> 28x28x32 -> pool -> conv 3x3 -> 14x14x64 -> pool -> conv 3x3
     -> 7x7x128 -> pool -> 3x3x128 -> dropout -> linear -> C. About 8 million multiply-adds
-    per image. Inputs are pixels in [0, 1), standardised inside the model.
+    per image.
     """
-
-    MEAN, STD = FastCNN.MEAN, FastCNN.STD
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.25):
         super().__init__()
@@ -106,10 +113,6 @@ class BNCNN(nn.Module):
             *_conv_bn(c2, c3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout),
         )
         self.head = nn.Linear(3 * 3 * c3, num_classes)
-
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = (xb.reshape(-1, 1, 28, 28) - self.MEAN) * (1 / self.STD)
-        return self.head(self.features(xb))
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:

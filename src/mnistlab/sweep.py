@@ -27,11 +27,13 @@ def spread(values: list[float]) -> dict:
 
 def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *, force: bool = False,
                 dataset: Dataset | None = None, on_run: Callable[[int, RunResult], None] | None = None,
-                **hooks) -> dict:
+                on_epoch: Callable[[int, dict], None] | None = None,
+                on_batch: Callable[[int, int, float], None] | None = None) -> dict:
     """Train ``config`` once per seed into ``out/seed-N``; write and return ``out/seeds.json``.
 
     The summary has each run's validation accuracy and training seconds, and their
-    mean, standard deviation, min and max.
+    mean, standard deviation, min and max. ``on_epoch(seed, metrics)`` and
+    ``on_run(seed, result)`` report progress.
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"seeds must be distinct, got {list(seeds)}")
@@ -39,7 +41,9 @@ def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
     runs = []
     for seed in seeds:
-        result = train_run(replace(config, seed=seed), out / f"seed-{seed}", force=force, dataset=ds, **hooks)
+        epoch_hook = (lambda record, seed=seed: on_epoch(seed, record)) if on_epoch is not None else None
+        result = train_run(replace(config, seed=seed), out / f"seed-{seed}", force=force, dataset=ds,
+                           on_batch=on_batch, on_epoch=epoch_hook)
         runs.append({"seed": seed, "run_dir": result.run_dir.name, "valid_acc": result.summary["valid_acc"],
                      "valid_loss": result.summary["valid_loss"], "train_seconds": result.summary["train_seconds"]})
         if on_run is not None:
