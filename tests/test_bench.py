@@ -1,9 +1,12 @@
 """`mnistlab bench`: its arithmetic and plumbing on tiny runs (the timings themselves are benchmarks)."""
 
+import sys
+
 import pytest
 import torch
 
 from mnistlab import bench, reference
+from mnistlab.errors import RunError
 from mnistlab.models import create_model
 
 from .test_cli import run_cli
@@ -71,3 +74,8 @@ def test_bench_bad_options_are_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert run_cli(["bench", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_failing_recipe_process_is_a_one_line_run_error(tmp_path):
+    with pytest.raises(RunError, match=r"failed \(exit status 1\): boom"):
+        bench._run([sys.executable, "-c", "import sys; sys.exit('boom')"], tmp_path / "log")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RunError
+
 TARGET = 0.99
 
 
@@ -126,7 +128,7 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float]:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed ({code}): {last[0]}")
+        raise RunError(f"{' '.join(cmd[2:6])}... failed (exit status {code}): {last[0]}")
     return wall, usage.ru_maxrss / 1024
 
 
