@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.models import create_model
-from mnistlab.optim import SGD, learning_rate
+from mnistlab.optim import SGD, WeightAverage, learning_rate
 
 
 def _train(model, opt, steps=5, seed=0):
@@ -58,3 +58,33 @@ def test_onecycle_rises_then_falls_to_zero():
     assert learning_rate("constant", 0.1, 50, 100) == 0.1
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         learning_rate("cosine", 0.1, 0, 10)
+
+
+def test_weight_average_is_an_exponential_moving_average_with_warm_up():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(model, decay=0.5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+        model[1].num_batches_tracked.add_(7)
+    average.update(model)  # step 1: decay min(0.5, 2/11)
+    d = 2 / 11
+    avg = average.model.state_dict()
+    torch.testing.assert_close(avg["0.weight"], start["0.weight"] * d + model[0].weight * (1 - d))
+    torch.testing.assert_close(avg["1.running_mean"], start["1.running_mean"] * d + 2.0 * (1 - d))
+    assert avg["1.num_batches_tracked"] == 7  # integer buffers are copied
+    previous = avg["0.bias"].clone()
+    for _ in range(20):
+        average.update(model)
+    assert average.steps == 21
+    # from step 8 on the decay is 0.5: the gap to the current weights halves every step
+    gap = (model[0].bias - average.model[0].bias).abs()
+    assert torch.all(gap < (model[0].bias - previous).abs() * 0.5**12)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    copy = WeightAverage(model, decay=0.5)
+    copy.load_state_dict(average.state_dict())
+    assert copy.steps == 21 and torch.equal(copy.model[0].weight, average.model[0].weight)
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(model, decay=1.0)

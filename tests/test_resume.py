@@ -57,10 +57,11 @@ def _start_and_interrupt(cmd, run, sig):
     return proc.returncode, err
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.99"]], ids=["plain", "ema"])
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir, extra):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_train_cmd(medium_dir, reference), check=True, capture_output=True)
-    code, _ = _start_and_interrupt(_train_cmd(medium_dir, killed), killed, signal.SIGKILL)
+    subprocess.run(_train_cmd(medium_dir, reference) + extra, check=True, capture_output=True)
+    code, _ = _start_and_interrupt(_train_cmd(medium_dir, killed) + extra, killed, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert not (killed / "summary.json").exists()  # an unfinished run is not passed off as complete
     done = len(_metrics(killed))

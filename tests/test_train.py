@@ -150,3 +150,17 @@ def test_cuda_request_without_cuda_is_a_usage_error(slices):
     x_train, y_train, x_valid, y_valid = slices
     with pytest.raises(UsageError, match="CUDA is not available"):
         mnistlab.fit(mnistlab.models.FeedForward(), x_train, y_train, x_valid, y_valid, epochs=1, device="cuda")
+
+
+def test_ema_validates_and_leaves_the_averaged_weights(slices):
+    x_train, y_train, x_valid, y_valid = (a[:2000] for a in slices)
+    finals = []
+    for ema in (0.0, 0.95):
+        torch.manual_seed(0)
+        model = mnistlab.create_model("fastcnn")
+        history = mnistlab.fit(model, x_train, y_train, x_valid, y_valid, epochs=2, batch_size=64, device="cpu",
+                               ema=ema)
+        scored = evaluate(model, x_valid, y_valid, batch_size=128)
+        assert scored["loss"] == pytest.approx(history.valid_loss[-1], rel=1e-5)  # the model is what was validated
+        finals.append(model.head.weight.detach().clone())
+    assert not torch.equal(finals[0], finals[1])  # the same steps, averaged weights

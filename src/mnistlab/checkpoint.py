@@ -54,15 +54,18 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 # Training state, written atomically after every epoch so that an interrupted run resumes
-# exactly: weights, optimizer buffers, torch's global RNG state (it drives the shuffling),
-# epoch and metrics. One safetensors file; the non-tensor parts ride in its JSON metadata.
+# exactly: weights, optimizer buffers, the weight average if any, torch's global RNG state
+# (it drives the shuffling), epoch and metrics. One safetensors file; the non-tensor parts ride in its JSON metadata.
 STATE = "checkpoint.safetensors"
 
 
-def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, epochs: list[dict]) -> None:
+def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, epochs: list[dict],
+               average=None) -> None:
     import torch
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()})
     opt_state = opt.state_dict()
     for index, state in opt_state["state"].items():
         for key, value in state.items():
@@ -76,7 +79,7 @@ def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, 
     write_bytes_atomic(Path(directory) / STATE, save(tensors, metadata={"state": json.dumps(meta)}))
 
 
-def load_state(directory: str | os.PathLike, model: nn.Module, opt) -> tuple[int, list[dict]]:
+def load_state(directory: str | os.PathLike, model: nn.Module, opt, average=None) -> tuple[int, list[dict]]:
     """Restore what :func:`save_state` wrote; returns ``(epoch, per-epoch metrics)``."""
     import torch
     from safetensors import safe_open
@@ -91,6 +94,8 @@ def load_state(directory: str | os.PathLike, model: nn.Module, opt) -> tuple[int
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path}: unreadable checkpoint ({exc})") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        average.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

@@ -94,8 +94,14 @@ def _add_train(sub) -> None:
                         "then linear fall to 0) (default: constant)")
     p.add_argument("--label-smoothing", type=float, default=None, help="in [0, 1) (default: 0)")
     p.add_argument("--augment", default=None, choices=list(AUGMENTS),
-                   help="affine: random shifts (2 px), rotations (10 degrees) and scaling (10%%) per image "
-                        "(default: none)")
+                   help="affine: random shifts (2 px), rotations (10 degrees) and scaling (10%%) per image; "
+                        "elastic: the same plus a smooth random elastic distortion (default: none)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights, updated every step "
+                        "with this decay, e.g. 0.999 (default: 0, off)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="score the final model with test-time augmentation: probabilities averaged over each "
+                        "validation image and its 8 one-pixel shifts (default: off; on in --preset best)")
     p.add_argument("--seed", type=int, default=None, help="random seed for weights and shuffling (default: 0)")
     p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                    help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
@@ -116,6 +122,9 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="loss and accuracy of a run on its validation part")
     p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: average over each image and its 8 one-pixel shifts "
+                        "(default: as the run was trained)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_evaluate)
 
@@ -185,6 +194,9 @@ def _add_ensemble(sub) -> None:
                        description="Average the class probabilities of several finished runs (same split) on "
                                    "their validation part; print each run's accuracy and the ensemble's.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories made by 'mnistlab train'")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: each run's probabilities averaged over the image and its 8 "
+                        "one-pixel shifts first")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_ensemble)
 
@@ -248,7 +260,8 @@ def describe_sgd(config) -> str:
     text = f"SGD lr {config.lr} momentum {config.momentum}"
     extras = [name for name, on in (("nesterov", config.nesterov), (f"weight decay {config.weight_decay}",
               config.weight_decay), (f"{config.schedule} schedule", config.schedule != "constant"),
-              (f"label smoothing {config.label_smoothing}", config.label_smoothing)) if on]
+              (f"label smoothing {config.label_smoothing}", config.label_smoothing),
+              (f"weight average (EMA) {config.ema}", config.ema)) if on]
     return ", ".join([text, *extras])
 
 
@@ -294,7 +307,8 @@ def cmd_train(args) -> int:
     s = result.summary
     print(f"predicted labels of validation images 0-8:\n{format_grid(s['grid_predictions'])}")
     print(f"true labels:\n{format_grid(s['grid_labels'])}")
-    print(f"valid_acc {100 * s['valid_acc']:.2f}%  valid_loss {s['valid_loss']:.4f}  "
+    tta = f" (test-time augmentation; single view {100 * s['valid_acc_single']:.2f}%)" if s.get("tta") else ""
+    print(f"valid_acc {100 * s['valid_acc']:.2f}%{tta}  valid_loss {s['valid_loss']:.4f}  "
           f"trained in {s['train_seconds']:.1f}s; run saved to {result.run_dir}")
     return 0
 
@@ -306,7 +320,7 @@ def _config_from_args(args):
         args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
-        data_dir=args.data_dir, device=args.device)
+        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta)
 
 
 def _train_seeds(args) -> int:
@@ -341,14 +355,15 @@ def _train_seeds(args) -> int:
 def cmd_ensemble(args) -> int:
     from .sweep import ensemble, format_spread
 
-    result = ensemble(args.run_dirs)
+    result = ensemble(args.run_dirs, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     for m in result["members"]:
         print(f"{m['run_dir']}: valid_acc {100 * m['valid_acc']:.2f}%")
     print(f"members: {format_spread(result['member_acc'])}")
-    print(f"ensemble of {len(result['members'])} (mean probabilities): valid_acc {100 * result['valid_acc']:.2f}%  "
+    how = "mean probabilities" + (", test-time augmentation" if result["tta"] else "")
+    print(f"ensemble of {len(result['members'])} ({how}): valid_acc {100 * result['valid_acc']:.2f}%  "
           f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
     return 0
 
@@ -356,12 +371,12 @@ def cmd_ensemble(args) -> int:
 def cmd_evaluate(args) -> int:
     from .runs import evaluate_run
 
-    result = evaluate_run(args.run_dir)
+    result = evaluate_run(args.run_dir, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"valid_loss {result['valid_loss']:.4f}  valid_acc {100 * result['valid_acc']:.2f}%  "
-          f"({result['n_valid']} validation images)\n")
+          f"({result['n_valid']} validation images{', test-time augmentation' if result['tta'] else ''})\n")
     print(f"{'class':>5}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}")
     for r in result["per_class"]:
         print(f"{r['class']:>5}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7}")

@@ -40,18 +40,42 @@ def logits(model: nn.Module, x, batch_size: int = 1024) -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0)
 
 
-def predict(model: nn.Module, x, batch_size: int = 1024) -> np.ndarray:
-    """Predicted class per row, int64 (N,)."""
-    return logits(model, x, batch_size).argmax(dim=1).numpy()
+# Test-time augmentation: the image itself and its 8 shifts by one pixel, as (dy, dx).
+TTA_SHIFTS = tuple((dy, dx) for dy in (0, -1, 1) for dx in (0, -1, 1))
 
 
-def predict_proba(model: nn.Module, x, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities per row, float32 (N, num_classes)."""
-    return torch.softmax(logits(model, x, batch_size), dim=1).numpy()
+def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images (N, 784) or (N, 28, 28) moved ``dy`` rows down and ``dx`` columns right; blank (0) fills in."""
+    images = x.reshape(-1, 28, 28)
+    out = torch.zeros_like(images)
+    out[:, max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = \
+        images[:, max(-dy, 0) : 28 + min(-dy, 0), max(-dx, 0) : 28 + min(-dx, 0)]
+    return out.reshape(x.shape)
+
+
+def _proba(model: nn.Module, x, batch_size: int, tta: bool) -> torch.Tensor:
+    if not tta:
+        return torch.softmax(logits(model, x, batch_size), dim=1)
+    x = as_tensor(x)
+    total = None
+    for dy, dx in TTA_SHIFTS:
+        p = torch.softmax(logits(model, shift_images(x, dy, dx), batch_size), dim=1)
+        total = p if total is None else total + p
+    return total / len(TTA_SHIFTS)
+
+
+def predict(model: nn.Module, x, batch_size: int = 1024, tta: bool = False) -> np.ndarray:
+    """Predicted class per row, int64 (N,). ``tta``: from the probabilities averaged over ``TTA_SHIFTS``."""
+    return _proba(model, x, batch_size, tta).argmax(dim=1).numpy()
+
+
+def predict_proba(model: nn.Module, x, batch_size: int = 1024, tta: bool = False) -> np.ndarray:
+    """Class probabilities per row, float32 (N, num_classes); ``tta``: averaged over ``TTA_SHIFTS``."""
+    return _proba(model, x, batch_size, tta).numpy()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048) -> dict[str, float]:
+def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, tta: bool = False) -> dict[str, float]:
     """The seed's validation loss and the accuracy.
 
     ``loss`` is the mean over batches of ``batch_size`` rows of each batch's mean
@@ -59,11 +83,18 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048) -
     ``sum(loss_func(model(xb), yb) for xb, yb in valid_dl) / len(valid_dl)`` (the last,
     smaller batch counts as much as a full one). The forward passes run in larger chunks,
     which gives the same numbers faster. ``acc`` is the fraction of rows classified correctly.
+    With ``tta`` both come from the probabilities averaged over ``TTA_SHIFTS`` (the loss is
+    their negative log-likelihood, averaged over batches the same way).
     """
     device = _device_of(model)
     x, y = as_tensor(x), as_tensor(y).long()
     if len(x) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
+    if tta:
+        proba = _proba(model, x, chunk, tta=True).double()
+        per_row = -proba[torch.arange(len(y)), y].clamp_min(1e-12).log()
+        correct = int((proba.argmax(dim=1) == y).sum())
+        return {"loss": _batch_mean(per_row, batch_size), "acc": correct / len(x)}
     was_training = model.training
     model.eval()
     losses, correct = [], 0
@@ -75,6 +106,9 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048) -
             correct += int((out.argmax(dim=1) == yb).sum())
     finally:
         model.train(was_training)
-    per_row = torch.cat(losses).double()
+    return {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+
+
+def _batch_mean(per_row: torch.Tensor, batch_size: int) -> float:
     batch_means = [per_row[i : i + batch_size].mean() for i in range(0, len(per_row), batch_size)]
-    return {"loss": float(torch.stack(batch_means).mean()), "acc": correct / len(x)}
+    return float(torch.stack(batch_means).mean())

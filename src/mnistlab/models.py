@@ -115,6 +115,29 @@ class BNCNN(StandardizedNet):
         self.head = nn.Linear(3 * 3 * c3, num_classes)
 
 
+class PoolCNN(StandardizedNet):
+    """:class:`BNCNN`'s layers with each max-pool moved up to follow its convolution directly.
+
+    conv -> pool -> BatchNorm -> ReLU instead of conv -> BatchNorm -> ReLU -> pool: the same
+    convolutions, a quarter of the normalisation and activation work, which takes about
+    half of BNCNN's training step on a CPU (the ordering of D. Page's fast CIFAR-10 ResNet).
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.25):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.features = nn.Sequential(
+            *_conv_pool_bn(1, c1, 5), *_conv_pool_bn(c1, c2, 3), *_conv_pool_bn(c2, c3, 3),
+            nn.Flatten(), nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(3 * 3 * c3, num_classes)
+
+
+def _conv_pool_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
+    conv = nn.Conv2d(c_in, c_out, kernel, 1, kernel // 2, bias=False)
+    return [conv, nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
     conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)  # BatchNorm brings the bias
     return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -142,6 +165,12 @@ def fastcnn(num_classes: int = 10) -> nn.Module:
 def bncnn(num_classes: int = 10) -> nn.Module:
     """BatchNorm CNN for ``--preset best`` (:class:`BNCNN`)."""
     return BNCNN(num_classes)
+
+
+@register_model
+def poolcnn(num_classes: int = 10) -> nn.Module:
+    """BNCNN with pooling before BatchNorm, for ``--preset best`` (:class:`PoolCNN`)."""
+    return PoolCNN(num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

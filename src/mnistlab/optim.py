@@ -107,3 +107,41 @@ def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: flo
     if step < rise:
         return peak * (step + 1) / rise
     return peak * max(0.0, (total - step) / (total - rise + 1))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (EMA), updated after every step.
+
+    ``model`` is a copy of the trained network holding the averages; validate and save it.
+    The decay rises as ``min(decay, (1 + t) / (10 + t))`` over the first steps ``t``, so the
+    average is not anchored to the initial weights in short runs. BatchNorm's running
+    statistics are averaged like the weights; integer buffers (the batch counters) are copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        self.decay = decay
+        self.steps = 0
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        avg, cur = self.model.state_dict(), model.state_dict()
+        floats = [k for k, v in avg.items() if v.is_floating_point()]
+        torch._foreach_lerp_([avg[k] for k in floats], [cur[k] for k in floats], 1 - decay)
+        for key, value in avg.items():
+            if not value.is_floating_point():
+                value.copy_(cur[key])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.model.state_dict(), "steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        self.steps = int(state.pop("steps"))
+        self.model.load_state_dict(state)

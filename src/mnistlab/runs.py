@@ -30,6 +30,7 @@ from .errors import RunError, UsageError
 from .evaluate import evaluate, predict, predict_proba
 from .files import write_json_atomic, write_text_atomic
 from .models import count_parameters, create_model
+from .optim import WeightAverage
 from .train import History, TrainConfig, fit, make_optimizer, resolve_device
 
 CONFIG = "config.json"
@@ -116,7 +117,8 @@ def train_run(
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
     first, label = ds.images[0], int(ds.labels[0])  # both splits start with the dataset's first row
     plots.save(plots.plot_example(first, label, f"First training example: label {label}"), run_dir / "example.png")
-    return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch)
+    average = WeightAverage(model, config.ema) if config.ema > 0 else None
+    return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch, average)
 
 
 def resume_run(
@@ -134,21 +136,22 @@ def resume_run(
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
     model = create_model(config.model, num_classes=ds.num_classes)
     opt = make_optimizer(model, config)
-    _, epochs = checkpoint.load_state(run_dir, model, opt)
-    return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch)
+    average = WeightAverage(model, config.ema) if config.ema > 0 else None
+    _, epochs = checkpoint.load_state(run_dir, model, opt, average)
+    return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch, average)
 
 
 LOSS_PLOT_EVERY = 10.0  # seconds: loss.png is redrawn at most this often while training, and after the last epoch
 
 
-def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch) -> RunResult:
+def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average=None) -> RunResult:
     device = resolve_device(config.device)
     x_train, y_train, x_valid, y_valid = load_split(config, ds)
     last_plot = [time.monotonic()]
 
     def epoch_done(record: dict) -> None:
         history.epochs.append(record)
-        checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs)
+        checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs, average)
         write_metrics(run_dir, history)
         if record["epoch"] == config.epochs or time.monotonic() - last_plot[0] >= LOSS_PLOT_EVERY:
             plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
@@ -157,28 +160,34 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch) -> RunR
             on_epoch(record)
 
     fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done,
-        optimizer=opt, start_epoch=len(history.epochs))
+        optimizer=opt, start_epoch=len(history.epochs), average=average)
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
     checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
     summary = make_summary(model, config, history, len(x_train), x_valid, y_valid, train_seconds, device)
-    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes)
+    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, tta=config.tta)
     write_json_atomic(run_dir / SUMMARY, summary)
     return RunResult(run_dir, model, history, summary)
 
 
 def make_summary(model, config, history, n_train, x_valid, y_valid, train_seconds, device) -> dict:
+    """The run's final figures. With ``config.tta`` the validation loss and accuracy (and the grid's
+    predictions) are the test-time-augmented ones; the last epoch's single-view figures stay beside them."""
     rows, cols = GRID
     n = min(rows * cols, len(x_valid))
     last = history.epochs[-1]
+    scores = {"valid_loss": last["valid_loss"], "valid_acc": last["valid_acc"]}
+    if config.tta:
+        tta = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size, tta=True)
+        scores = {"valid_loss": tta["loss"], "valid_acc": tta["acc"], "tta": True,
+                  "valid_loss_single": last["valid_loss"], "valid_acc_single": last["valid_acc"]}
     return {
         "model": config.model,
         "epochs": len(history.epochs),
         "train_loss": last["train_loss"],
-        "valid_loss": last["valid_loss"],
-        "valid_acc": last["valid_acc"],
+        **scores,
         "train_seconds": train_seconds,
-        "grid_predictions": _grid(predict(model, x_valid[:n]), cols),
+        "grid_predictions": _grid(predict(model, x_valid[:n], tta=config.tta), cols),
         "grid_labels": _grid(np.asarray(y_valid[:n]), cols),
         "split": config.split,
         "n_train": n_train,
@@ -189,9 +198,9 @@ def make_summary(model, config, history, n_train, x_valid, y_valid, train_second
     }
 
 
-def write_pictures(run_dir: Path, model, x_valid, y_valid, num_classes: int) -> dict:
+def write_pictures(run_dir: Path, model, x_valid, y_valid, num_classes: int, tta: bool = False) -> dict:
     """predictions.png, confusion.png and mistakes.png for the validation part; returns the analysis."""
-    proba = predict_proba(model, x_valid)
+    proba = predict_proba(model, x_valid, tta=tta)
     preds = proba.argmax(axis=1)
     y_valid = np.asarray(y_valid)
     rows, cols = GRID
@@ -258,13 +267,18 @@ def load_run_model(run_dir: str | os.PathLike):
     return model, config
 
 
-def evaluate_run(run_dir: str | os.PathLike, dataset: Dataset | None = None) -> dict:
-    """Loss and accuracy of a run's model on the validation part of its split."""
+def evaluate_run(run_dir: str | os.PathLike, dataset: Dataset | None = None, tta: bool | None = None) -> dict:
+    """Loss and accuracy of a run's model on the validation part of its split.
+
+    ``tta``: score with test-time augmentation (see :data:`mnistlab.evaluate.TTA_SHIFTS`);
+    ``None`` does what the run's config says.
+    """
     model, config = load_run_model(run_dir)
+    tta = config.tta if tta is None else tta
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
     _, _, x_valid, y_valid = load_split(config, ds)
-    result = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size)
-    matrix = metrics.confusion_matrix(predict(model, x_valid), y_valid, ds.num_classes)
-    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid),
+    result = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size, tta=tta)
+    matrix = metrics.confusion_matrix(predict(model, x_valid, tta=tta), y_valid, ds.num_classes)
+    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid), "tta": tta,
             "per_class": metrics.per_class(matrix), "most_confused": metrics.most_confused(matrix),
             "confusion": matrix.tolist()}

@@ -55,10 +55,11 @@ def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *
     return summary
 
 
-def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None) -> dict:
+def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None, tta: bool = False) -> dict:
     """Accuracy of the averaged class probabilities of several finished runs, and of each alone.
 
     The runs must share a split and a dataset: they are scored on the same validation part.
+    ``tta``: each run's probabilities are first averaged over ``TTA_SHIFTS`` (test-time augmentation).
     """
     if not run_dirs:
         raise UsageError("give at least one run directory")
@@ -74,7 +75,7 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None) 
     total, members = None, []
     for d in run_dirs:
         model, _ = load_run_model(d)
-        proba = predict_proba(model, x_valid).astype(np.float64)
+        proba = predict_proba(model, x_valid, tta=tta).astype(np.float64)
         if total is not None and proba.shape != total.shape:
             raise RunError(f"{d}: predicts {proba.shape[1]} classes, the first run {total.shape[1]}")
         total = proba if total is None else total + proba
@@ -82,7 +83,8 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None) 
     mean = total / len(run_dirs)
     acc = float((mean.argmax(1) == y_valid).mean())
     loss = float(-np.log(np.clip(mean[np.arange(len(y_valid)), y_valid], 1e-12, None)).mean())
-    return {"valid_acc": acc, "valid_nll": loss, "n_valid": len(y_valid), "split": first.split, "members": members,
+    return {"valid_acc": acc, "valid_nll": loss, "n_valid": len(y_valid), "split": first.split, "tta": tta,
+            "members": members,
             "member_acc": spread([m["valid_acc"] for m in members])}
 
 
