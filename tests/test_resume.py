@@ -25,7 +25,7 @@ def medium_dir(tmp_path_factory, mnist):
                          images[60000:62000], labels[60000:62000])
 
 
-def _train_cmd(data_dir, out, epochs=4):
+def _train_cmd(data_dir, out, epochs=6):
     return [sys.executable, "-m", "mnistlab", "train", "--data-dir", str(data_dir), "--epochs", str(epochs),
             "--out", str(out), "--device", "cpu"]
 
@@ -51,7 +51,7 @@ def _start_and_interrupt(cmd, run, sig):
     while not (run / "checkpoint.safetensors").exists():  # epoch 1 is done
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
         time.sleep(0.02)
-    time.sleep(0.15)  # well inside epoch 2
+    time.sleep(0.15)  # inside epoch 2; the later epochs leave seconds of margin on a busy machine
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -65,15 +65,15 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, me
     assert code == -signal.SIGKILL
     assert not (killed / "summary.json").exists()  # an unfinished run is not passed off as complete
     done = len(_metrics(killed))
-    assert 1 <= done < 4
+    assert 1 <= done < 6
     assert main(["train", "--resume", str(killed)]) == 0
     _assert_same_run(reference, killed)
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, medium_dir):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    subprocess.run(_train_cmd(medium_dir, reference, epochs=3), check=True, capture_output=True)
-    code, err = _start_and_interrupt(_train_cmd(medium_dir, stopped, epochs=3), stopped, signal.SIGINT)
+    subprocess.run(_train_cmd(medium_dir, reference, epochs=6), check=True, capture_output=True)
+    code, err = _start_and_interrupt(_train_cmd(medium_dir, stopped, epochs=6), stopped, signal.SIGINT)
     assert code == 130
     assert f"Resume with: mnistlab train --resume {stopped}" in err and "Traceback" not in err
     assert main(["train", "--resume", str(stopped)]) == 0
