@@ -4,8 +4,9 @@ optionally elastic distortion.
 One ``affine_grid`` + ``grid_sample`` per batch, on the batch's device. The elastic
 distortion adds a smooth random displacement field to the affine map's sampling grid
 before that one ``grid_sample``: random displacements on a coarse grid of control points
-(4 × 4 by default, about 9 pixels apart), bicubically interpolated to every pixel, which approximates Simard et
-al.'s Gaussian-smoothed random fields (2003) at a fraction of the cost. Random numbers
+(4 x 4 by default, about 9 pixels apart), bicubically interpolated to every pixel, which
+approximates Simard et al.'s Gaussian-smoothed random fields (2003) at a fraction of the
+cost. Random numbers
 come from torch's global generator, so a seeded run is repeatable and resumes exactly.
 The label of every image is unchanged: the maps are small enough to keep a digit itself.
 """

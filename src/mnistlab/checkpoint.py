@@ -55,7 +55,8 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 # Training state, written atomically after every epoch so that an interrupted run resumes
 # exactly: weights, optimizer buffers, the weight average if any, torch's global RNG state
-# (it drives the shuffling), epoch and metrics. One safetensors file; the non-tensor parts ride in its JSON metadata.
+# (it drives the shuffling), epoch and metrics. One safetensors file; the non-tensor parts
+# ride in its JSON metadata.
 STATE = "checkpoint.safetensors"
 
 

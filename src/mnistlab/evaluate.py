@@ -91,10 +91,7 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     if len(x) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     if tta:
-        proba = _proba(model, x, chunk, tta=True).double()
-        per_row = -proba[torch.arange(len(y)), y].clamp_min(1e-12).log()
-        correct = int((proba.argmax(dim=1) == y).sum())
-        return {"loss": _batch_mean(per_row, batch_size), "acc": correct / len(x)}
+        return score(_proba(model, x, chunk, tta=True), y, batch_size)
     was_training = model.training
     model.eval()
     losses, correct = [], 0
@@ -107,6 +104,14 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     finally:
         model.train(was_training)
     return {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+
+
+def score(proba, y, batch_size: int = 128) -> dict[str, float]:
+    """:func:`evaluate`'s loss and accuracy from class probabilities (N, C) already computed:
+    the loss is their negative log-likelihood, averaged over batches of ``batch_size`` rows."""
+    proba, y = as_tensor(proba).double(), as_tensor(y).long()
+    per_row = -proba[torch.arange(len(y)), y].clamp_min(1e-12).log()
+    return {"loss": _batch_mean(per_row, batch_size), "acc": int((proba.argmax(dim=1) == y).sum()) / len(y)}
 
 
 def _batch_mean(per_row: torch.Tensor, batch_size: int) -> float:

@@ -116,7 +116,7 @@ class BNCNN(StandardizedNet):
 
 
 class PoolCNN(StandardizedNet):
-    """:class:`BNCNN`'s layers with each max-pool moved up to follow its convolution directly.
+    """:class:`BNCNN`'s layers with each max-pool moved up to follow its convolution directly (``poolcnn``).
 
     conv -> pool -> BatchNorm -> ReLU instead of conv -> BatchNorm -> ReLU -> pool: the same
     convolutions, a quarter of the normalisation and activation work, which takes about
@@ -127,20 +127,16 @@ class PoolCNN(StandardizedNet):
         super().__init__()
         c1, c2, c3 = widths
         self.features = nn.Sequential(
-            *_conv_pool_bn(1, c1, 5), *_conv_pool_bn(c1, c2, 3), *_conv_pool_bn(c2, c3, 3),
+            *_conv_bn(1, c1, 5, pool=True), *_conv_bn(c1, c2, 3, pool=True), *_conv_bn(c2, c3, 3, pool=True),
             nn.Flatten(), nn.Dropout(dropout),
         )
         self.head = nn.Linear(3 * 3 * c3, num_classes)
 
 
-def _conv_pool_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
-    conv = nn.Conv2d(c_in, c_out, kernel, 1, kernel // 2, bias=False)
-    return [conv, nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
-
-def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, pool: bool = False) -> list[nn.Module]:
+    """conv -> BatchNorm -> ReLU; ``pool``: conv -> 2x2 max-pool -> BatchNorm -> ReLU."""
     conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)  # BatchNorm brings the bias
-    return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 @register_model
@@ -169,7 +165,7 @@ def bncnn(num_classes: int = 10) -> nn.Module:
 
 @register_model
 def poolcnn(num_classes: int = 10) -> nn.Module:
-    """BNCNN with pooling before BatchNorm, for ``--preset best`` (:class:`PoolCNN`)."""
+    """BNCNN with pooling before BatchNorm, about 1.2x faster per epoch (:class:`PoolCNN`)."""
     return PoolCNN(num_classes)
 
 

@@ -27,7 +27,7 @@ import torch
 from . import checkpoint, metrics, plots
 from .data import Dataset, load_dataset, split
 from .errors import RunError, UsageError
-from .evaluate import evaluate, predict, predict_proba
+from .evaluate import evaluate, predict_proba, score
 from .files import write_json_atomic, write_text_atomic
 from .models import count_parameters, create_model
 from .optim import WeightAverage
@@ -164,21 +164,25 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
     checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
-    summary = make_summary(model, config, history, len(x_train), x_valid, y_valid, train_seconds, device)
-    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, tta=config.tta)
+    proba = predict_proba(model, x_valid, tta=config.tta)  # once, for the summary and the pictures
+    summary = make_summary(model, config, history, len(x_train), y_valid, proba, train_seconds, device)
+    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, proba=proba)
     write_json_atomic(run_dir / SUMMARY, summary)
     return RunResult(run_dir, model, history, summary)
 
 
-def make_summary(model, config, history, n_train, x_valid, y_valid, train_seconds, device) -> dict:
-    """The run's final figures. With ``config.tta`` the validation loss and accuracy (and the grid's
-    predictions) are the test-time-augmented ones; the last epoch's single-view figures stay beside them."""
+def make_summary(model, config, history, n_train, y_valid, proba, train_seconds, device) -> dict:
+    """The run's final figures; ``proba``: the model's class probabilities on the validation part.
+
+    With ``config.tta`` (``proba`` then test-time-augmented) the validation loss and accuracy
+    come from ``proba``; the last epoch's single-view figures stay beside them.
+    """
     rows, cols = GRID
-    n = min(rows * cols, len(x_valid))
+    n = min(rows * cols, len(y_valid))
     last = history.epochs[-1]
     scores = {"valid_loss": last["valid_loss"], "valid_acc": last["valid_acc"]}
     if config.tta:
-        tta = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size, tta=True)
+        tta = score(proba, y_valid, batch_size=2 * config.batch_size)
         scores = {"valid_loss": tta["loss"], "valid_acc": tta["acc"], "tta": True,
                   "valid_loss_single": last["valid_loss"], "valid_acc_single": last["valid_acc"]}
     return {
@@ -187,20 +191,24 @@ def make_summary(model, config, history, n_train, x_valid, y_valid, train_second
         "train_loss": last["train_loss"],
         **scores,
         "train_seconds": train_seconds,
-        "grid_predictions": _grid(predict(model, x_valid[:n], tta=config.tta), cols),
+        "grid_predictions": _grid(proba[:n].argmax(axis=1), cols),
         "grid_labels": _grid(np.asarray(y_valid[:n]), cols),
         "split": config.split,
         "n_train": n_train,
-        "n_valid": len(x_valid),
+        "n_valid": len(y_valid),
         "num_parameters": count_parameters(model),
         "device": str(device),
         "torch": torch.__version__,
     }
 
 
-def write_pictures(run_dir: Path, model, x_valid, y_valid, num_classes: int, tta: bool = False) -> dict:
-    """predictions.png, confusion.png and mistakes.png for the validation part; returns the analysis."""
-    proba = predict_proba(model, x_valid, tta=tta)
+def write_pictures(run_dir: Path, model, x_valid, y_valid, num_classes: int, proba=None) -> dict:
+    """predictions.png, confusion.png and mistakes.png for the validation part; returns the analysis.
+
+    ``proba``: the model's class probabilities on ``x_valid`` if already computed.
+    """
+    if proba is None:
+        proba = predict_proba(model, x_valid)
     preds = proba.argmax(axis=1)
     y_valid = np.asarray(y_valid)
     rows, cols = GRID
@@ -277,8 +285,10 @@ def evaluate_run(run_dir: str | os.PathLike, dataset: Dataset | None = None, tta
     tta = config.tta if tta is None else tta
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
     _, _, x_valid, y_valid = load_split(config, ds)
-    result = evaluate(model, x_valid, y_valid, batch_size=2 * config.batch_size, tta=tta)
-    matrix = metrics.confusion_matrix(predict(model, x_valid, tta=tta), y_valid, ds.num_classes)
+    proba = predict_proba(model, x_valid, tta=tta)
+    batch_size = 2 * config.batch_size
+    result = score(proba, y_valid, batch_size) if tta else evaluate(model, x_valid, y_valid, batch_size=batch_size)
+    matrix = metrics.confusion_matrix(proba.argmax(axis=1), y_valid, ds.num_classes)
     return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid), "tta": tta,
             "per_class": metrics.per_class(matrix), "most_confused": metrics.most_confused(matrix),
             "confusion": matrix.tolist()}
