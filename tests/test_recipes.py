@@ -42,6 +42,9 @@ def test_presets_fill_the_config_and_explicit_values_win():
     ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
     ({"augment": "warp"}, "unknown augment 'warp'; expected one of: none, affine, elastic"),
     ({"nesterov": True, "momentum": 0.0}, "nesterov needs a momentum above 0"),
+    ({"ema": 1.0}, r"ema must be a number in \[0, 1\)"),
+    ({"ema": -0.5}, r"ema must be a number in \[0, 1\)"),
+    ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ({"split": "half"}, "expected one of: seed, standard, holdout"),
 ])
 def test_bad_recipe_values_are_rejected(kwargs, message):
@@ -230,3 +233,6 @@ def test_tta_in_training_ensembles_and_evaluation(tmp_path, small_dir, capsys):
     assert "test-time augmentation" not in capsys.readouterr().out
     assert main(["ensemble", str(out), "--tta"]) == 0
     assert "test-time augmentation): valid_acc" in capsys.readouterr().out
+    assert run_cli(["train", "--model", "linear", "--ema", "1.5", "--data-dir", str(small_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "ema must be a number in [0, 1), got 1.5" in err and "Traceback" not in err and len(err.splitlines()) == 1
