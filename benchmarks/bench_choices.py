@@ -1,9 +1,11 @@
 """What each hardware choice is worth: training-step throughput under one change at a time.
 
-For the seed's CNN (batch 64) and the fast preset's model (batch 256), in one process,
-interleaved, --repeats times each: our settings (2 threads, channels-last, fp32, eager)
-against 1 thread, the default NCHW layout, bf16 autocast, torch.compile, and other batch
-sizes. Each measurement is --steps training steps on real MNIST batches after a warm-up;
+For the seed's CNN (batch 64) and the fast preset's model (batch 256), interleaved,
+--repeats times each: our settings (2 threads, channels-last, fp32, eager, glibc malloc
+keeping freed memory) against 1 thread, the default NCHW layout, bf16 autocast,
+torch.compile, other batch sizes (all in this process), and glibc's default malloc
+settings (in a child process, since they cannot be restored once changed). Each
+measurement is --steps training steps on real MNIST batches after a warm-up;
 the medians are reported as images/s and as a ratio to our settings.
 
 Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compile]
@@ -12,12 +14,16 @@ Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from mnistlab.allocator import keep_freed_memory
 from mnistlab.bench import machine
 from mnistlab.data import load_dataset
 from mnistlab.evaluate import prepare
@@ -55,21 +61,36 @@ def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf
     return rate, warm
 
 
+def malloc_defaults(name, batch, steps):
+    """The same measurement in a fresh process that leaves glibc's malloc settings alone."""
+    out = subprocess.run([sys.executable, __file__, "--child", name, str(batch), str(steps)],
+                         check=True, capture_output=True, text=True).stdout
+    rate, warm = json.loads(out.splitlines()[-1])
+    return rate, warm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     ds = load_dataset()
     x, y = torch.from_numpy(ds.images[:50000]), torch.from_numpy(ds.labels[:50000]).long()
+    if args.child:
+        name, batch, steps = args.child
+        print(json.dumps(steps_per_second(name, int(batch), int(steps), x, y)))
+        return
+    keep_freed_memory()
     variants = [
-        ("ours: 2 threads, channels-last, fp32, eager", {}),
+        ("ours: 2 threads, channels-last, fp32, eager, malloc keeps freed memory", {}),
         ("1 thread", {"threads": 1}),
         ("NCHW (default layout)", {"channels_last": False}),
         ("bf16 autocast", {"bf16": True}),
         ("batch / 2", {"batch_scale": 0.5}),
         ("batch x 2", {"batch_scale": 2}),
+        ("glibc malloc defaults", {"malloc_defaults": True}),
     ]
     if not args.no_compile:
         variants.append(("torch.compile", {"compiled": True}))
@@ -85,6 +106,8 @@ def main() -> None:
                 b = int(batch * kw.pop("batch_scale", 1))
                 if kw.get("compiled") and warms[label]:
                     rate, warm = rates[label][0], warms[label][0]  # compile once; its rate is stable
+                elif kw.pop("malloc_defaults", False):
+                    rate, warm = malloc_defaults(name, b, args.steps)
                 else:
                     rate, warm = steps_per_second(name, b, args.steps, x, y, **kw)
                 rates[label].append(rate)

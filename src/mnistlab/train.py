@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .augment import AUGMENTS
 from .data import SPLITS
 from .errors import MnistlabError, UsageError
@@ -263,8 +264,10 @@ def fit(
     device = resolve_device(config.device)
     model.to(device)
     if device.type == "cpu":
-        # oneDNN runs these convolutions 1.25-1.33x faster channels-last (benchmarks/bench_choices.py).
+        # oneDNN runs these convolutions 1.25-1.33x faster channels-last, and a step's buffers
+        # are reused instead of page-faulted in afresh (benchmarks/bench_choices.py).
         model.to(memory_format=torch.channels_last)
+        keep_freed_memory()
     x_train, y_train = as_tensor(x_train, device), as_tensor(y_train, device).long()
     x_valid, y_valid = as_tensor(x_valid, device), as_tensor(y_valid, device).long()
     if len(x_train) == 0 or len(x_valid) == 0:
