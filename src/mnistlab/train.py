@@ -43,7 +43,7 @@ PRESETS = {
     "fast": {"model": "fastcnn", "epochs": 2, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1},
     # Accuracy on the standard test set: a BatchNorm CNN, affine augmentation, 15 one-cycle epochs
-    # (about 12 minutes on 2 cores), scored with test-time augmentation (chosen on the holdout split).
+    # (about 10-13 minutes on 2 cores), scored with test-time augmentation (chosen on the holdout split).
     "best": {"model": "bncnn", "epochs": 15, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1, "augment": "affine",
              "split": "standard", "tta": True},
