@@ -49,6 +49,20 @@ def test_summary_rows_time_to_99_and_ratios():
     assert "| seed's code as written | 1 | 2 | 95.00% / 95.00% | — |" in table
 
 
+def test_phase_table_takes_medians_and_leaves_the_rest_to_start_up():
+    runs = [_measured("mnistlab --preset fast", [0.99], s, seed=i) for i, s in enumerate((2.0, 4.0, 3.0))]
+    for r, pictures in zip(runs, (1.0, 3.0, 2.0), strict=True):
+        r.timings = {"training": r.train_seconds, "pictures": pictures}  # wall = training + 3
+    reference_run = _measured("seed's code as written", [0.9], 10.0)
+    rows = bench.summarize([reference_run, *runs], peak=100e9)
+    fast = rows[1]
+    assert "timings" not in rows[0]
+    assert fast["timings"] == {"training": 3.0, "pictures": 2.0, "start-up and other": 1.0}  # 3 - 2 each time
+    table = bench.markdown(rows, 100e9, bench.BenchPlan(), "mnistlab bench")
+    assert "| recipe | whole command | training | pictures | start-up and other |" in table
+    assert "| mnistlab --preset fast | 6.0 | 3.00 | 2.00 | 1.00 |" in table
+
+
 def test_quick_plan_is_bounded_and_full_plan_runs_every_seed():
     quick = bench.BenchPlan(quick=True).jobs()
     assert all(j.get("max_batches") or j.get("epochs") or j["preset"] == "fast" for j in quick)

@@ -45,6 +45,17 @@ def test_train_prints_epochs_and_the_grid(tmp_path, small_dir, capsys):
     assert f"predicted labels of validation images 0-8:\n[{grid[0]}," in text
 
 
+def test_summary_times_the_runs_phases(run_dir):
+    from mnistlab.runs import TIMINGS
+
+    timings = json.loads((run_dir / "summary.json").read_text())["timings"]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert tuple(timings) == TIMINGS and all(v >= 0 for v in timings.values())
+    assert timings["training"] == pytest.approx(sum(e["train_seconds"] for e in epochs))
+    assert timings["training"] + timings["validation"] == pytest.approx(sum(e["seconds"] for e in epochs))
+    assert timings["pictures"] > 0 and timings["checkpoints"] > 0 and timings["final_inference"] > 0
+
+
 def test_evaluate_matches_the_summary(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -63,6 +63,7 @@ class Measured:
     max_rss_mb: float = 0.0
     flops_per_image: float = 0.0
     seed: int = 0
+    timings: dict = field(default_factory=dict)  # our presets: summary.json's phases of the run
 
     @property
     def train_seconds(self) -> float:
@@ -151,6 +152,7 @@ def run_job(job: dict, device: str = "cpu") -> Measured:
             result.epochs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         else:
             result.epochs = _preset_epochs(run_dir)
+            result.timings = json.loads((run_dir / "summary.json").read_text()).get("timings", {})
     return result
 
 
@@ -203,6 +205,11 @@ def summarize(results: list[Measured], peak: float) -> list[dict]:
             "max_rss_mb": max(r.max_rss_mb for r in runs),
             "speedup_images_per_second": ips / seed_code.images_per_second if seed_code else None,
         }
+        if all(r.timings for r in runs):
+            # medians per phase; the rest of the wall time is Python start-up, imports and setup
+            row["timings"] = {k: statistics.median(r.timings.get(k, 0.0) for r in runs) for k in runs[0].timings}
+            row["timings"]["start-up and other"] = statistics.median(
+                r.wall_seconds - sum(r.timings.values()) for r in runs)
         rows.append(row)
     return rows
 
@@ -227,4 +234,13 @@ def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> st
             f"{r['mflops_per_image']:.2f} | {r['gflops']:.1f} | {r['percent_of_peak']:.1f}% | "
             f"{r['wall_seconds']:.1f} | {r['max_rss_mb']:.0f} |"
         )
+    phased = [r for r in rows if r.get("timings")]
+    if phased:
+        keys = list(phased[0]["timings"])
+        lines += ["", "Where our commands' wall time goes (seconds, medians over the runs):", "",
+                  "| recipe | whole command | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for r in phased:
+            cells = " | ".join(f"{r['timings'].get(k, 0.0):.2f}" for k in keys)
+            lines.append(f"| {r['recipe']} | {r['wall_seconds']:.1f} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +42,23 @@ PICTURES = ("example.png", "loss.png", "predictions.png", "confusion.png", "mist
 RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, checkpoint.WEIGHTS, checkpoint.META, checkpoint.STATE,
              "report.html", *PICTURES)
 METRIC_KEYS = ("epoch", "train_loss", "valid_loss", "valid_acc", "seconds")
+TIMINGS = ("data", "training", "validation", "checkpoints", "final_inference", "pictures")  # summary.json
 GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
+
+
+class Phases:
+    """Wall seconds spent per phase of a run, summed over every entry into the phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -110,15 +127,20 @@ def train_run(
     if config.data_dir is not None:  # absolute, so the run can be evaluated from anywhere
         config = replace(config, data_dir=str(Path(config.data_dir).resolve()))
     device = resolve_device(config.device)
-    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    phases = Phases()
+    with phases("data"):
+        ds = dataset if dataset is not None else load_dataset(config.data_dir)
     run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=ds.num_classes)
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
     first, label = ds.images[0], int(ds.labels[0])  # both splits start with the dataset's first row
-    plots.save(plots.plot_example(first, label, f"First training example: label {label}"), run_dir / "example.png")
+    with phases("pictures"):
+        plots.save(plots.plot_example(first, label, f"First training example: label {label}"),
+                   run_dir / "example.png")
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
-    return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch, average)
+    return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch, average,
+                  phases)
 
 
 def resume_run(
@@ -133,28 +155,44 @@ def resume_run(
     run_dir = Path(run_dir)
     if (run_dir / SUMMARY).exists():
         raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
-    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    phases = Phases()
+    with phases("data"):
+        ds = dataset if dataset is not None else load_dataset(config.data_dir)
     model = create_model(config.model, num_classes=ds.num_classes)
     opt = make_optimizer(model, config)
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
-    _, epochs = checkpoint.load_state(run_dir, model, opt, average)
-    return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch, average)
+    with phases("checkpoints"):
+        _, epochs = checkpoint.load_state(run_dir, model, opt, average)
+    return _train(config, run_dir, ds, model, opt, History(epochs), on_batch, on_epoch, average, phases)
 
 
 LOSS_PLOT_EVERY = 10.0  # seconds: loss.png is redrawn at most this often while training, and after the last epoch
 
 
-def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average=None) -> RunResult:
+def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average=None, phases=None) -> RunResult:
+    """Train from ``history``'s last epoch to the end, then write weights, summary and pictures.
+
+    ``summary.json``'s ``timings`` gives the wall seconds of this process's phases: data
+    (loading and splitting), training and validation (the epochs trained here),
+    checkpoints (per-epoch state, metrics, final weights), final_inference (the validation
+    probabilities the summary and pictures use) and pictures.
+    """
+    phases = phases if phases is not None else Phases()
     device = resolve_device(config.device)
-    x_train, y_train, x_valid, y_valid = load_split(config, ds)
+    with phases("data"):
+        x_train, y_train, x_valid, y_valid = load_split(config, ds)
     last_plot = [time.monotonic()]
+    first_epoch = len(history.epochs)
 
     def epoch_done(record: dict) -> None:
         history.epochs.append(record)
-        checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs, average)
-        write_metrics(run_dir, history)
+        with phases("checkpoints"):
+            checkpoint.save_state(run_dir, model, opt, record["epoch"], history.epochs, average)
+            write_metrics(run_dir, history)
         if record["epoch"] == config.epochs or time.monotonic() - last_plot[0] >= LOSS_PLOT_EVERY:
-            plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"), run_dir / "loss.png")
+            with phases("pictures"):
+                plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"),
+                           run_dir / "loss.png")
             last_plot[0] = time.monotonic()
         if on_epoch is not None:
             on_epoch(record)
@@ -163,10 +201,17 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
         optimizer=opt, start_epoch=len(history.epochs), average=average)
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
-    checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
-    proba = predict_proba(model, x_valid, tta=config.tta)  # once, for the summary and the pictures
+    with phases("checkpoints"):
+        checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
+    with phases("final_inference"):
+        proba = predict_proba(model, x_valid, tta=config.tta)  # once, for the summary and the pictures
     summary = make_summary(model, config, history, len(x_train), y_valid, proba, train_seconds, device)
-    write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, proba=proba)
+    with phases("pictures"):
+        write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, proba=proba)
+    here = history.epochs[first_epoch:]
+    training = sum(r.get("train_seconds", r["seconds"]) for r in here)
+    phases.seconds.update(training=training, validation=sum(r["seconds"] for r in here) - training)
+    summary["timings"] = {k: phases.seconds.get(k, 0.0) for k in TIMINGS}
     write_json_atomic(run_dir / SUMMARY, summary)
     return RunResult(run_dir, model, history, summary)
 
