@@ -6,8 +6,9 @@ validation accuracy (validation passes excluded), images per second while traini
 the training's floating-point rate from the model's counted FLOPs per image (forward and
 backward), and that rate as a fraction of this machine's peak, taken as the best rate
 of a large fp32 matrix product here (what the CPU's BLAS reaches; the small convolutions
-of these models cannot do better). Our presets also report the whole command's wall
-time and peak memory (RSS).
+of these models cannot do better), measured before and after the recipes, the higher
+kept. Our presets also report the whole command's wall time, where it goes (the run's
+phases from summary.json), and peak memory (RSS).
 """
 
 from __future__ import annotations
