@@ -65,8 +65,7 @@ def malloc_defaults(name, batch, steps):
     """The same measurement in a fresh process that leaves glibc's malloc settings alone."""
     out = subprocess.run([sys.executable, __file__, "--child", name, str(batch), str(steps)],
                          check=True, capture_output=True, text=True).stdout
-    rate, warm = json.loads(out.splitlines()[-1])
-    return rate, warm
+    return tuple(json.loads(out.splitlines()[-1]))
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 With glibc's default settings, every training step frees activation buffers of a few
 hundred kB to a few MB and the allocator hands them back to the kernel (``munmap`` or
 trimming the heap); the next step's buffers are then fresh pages, zero-filled by the
-kernel on first touch. For the seed's CNN at batch 64 that is about 600 page faults a
-step, a third of the step's time. Raising glibc's mmap and trim thresholds makes freed
+kernel on first touch. For the seed's CNN at batch 64 that is hundreds of page faults a
+step, close to half of the step's time. Raising glibc's mmap and trim thresholds makes freed
 buffers stay in the heap for reuse (``benchmarks/bench_choices.py`` measures it).
 
 Elsewhere (macOS, musl) :func:`keep_freed_memory` does nothing.

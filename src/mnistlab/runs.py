@@ -198,7 +198,7 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
             on_epoch(record)
 
     fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done,
-        optimizer=opt, start_epoch=len(history.epochs), average=average)
+        optimizer=opt, start_epoch=first_epoch, average=average)
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
     with phases("checkpoints"):
@@ -208,10 +208,10 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
     summary = make_summary(model, config, history, len(x_train), y_valid, proba, train_seconds, device)
     with phases("pictures"):
         write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, proba=proba)
-    here = history.epochs[first_epoch:]
-    training = sum(r.get("train_seconds", r["seconds"]) for r in here)
-    phases.seconds.update(training=training, validation=sum(r["seconds"] for r in here) - training)
-    summary["timings"] = {k: phases.seconds.get(k, 0.0) for k in TIMINGS}
+    here = history.epochs[first_epoch:]  # the epochs trained by this process
+    training = sum(r["train_seconds"] for r in here)
+    epochs = {"training": training, "validation": sum(r["seconds"] for r in here) - training}
+    summary["timings"] = {k: epochs[k] if k in epochs else phases.seconds.get(k, 0.0) for k in TIMINGS}
     write_json_atomic(run_dir / SUMMARY, summary)
     return RunResult(run_dir, model, history, summary)
 
