@@ -56,6 +56,23 @@ def test_summary_times_the_runs_phases(run_dir):
     assert timings["pictures"] > 0 and timings["checkpoints"] > 0 and timings["final_inference"] > 0
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_final_scores_reuse_the_last_validation_unless_tta(tmp_path, small_dir, monkeypatch, tta):
+    from mnistlab import runs
+
+    calls = []
+    real = runs.predict_proba
+    monkeypatch.setattr(runs, "predict_proba", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(small_dir), "--epochs", "1", "--out", str(out), "--device", "cpu"]
+    assert main(args + (["--tta"] if tta else [])) == 0
+    assert calls == ([{"tta": True}] if tta else [])  # without TTA the last epoch's validation gave them
+    summary = json.loads((out / "summary.json").read_text())
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if not tta:
+        assert summary["valid_acc"] == last["valid_acc"]
+
+
 def test_evaluate_matches_the_summary(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

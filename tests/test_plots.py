@@ -72,3 +72,23 @@ def test_walkthrough_example_runs(tmp_path):
     assert "tensor([[3, 8, 6]," in out.stdout
     for name in ("first_example.png", "linear_loss.png", "cnn_loss.png", "predictions.png"):
         assert_picture(tmp_path / name)
+
+
+def _red_pixels(path) -> int:
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)).sum())
+
+
+def test_grid_frames_mistakes_in_red_and_scales_each_image(tmp_path, mnist):
+    images, labels = mnist.images[:9], mnist.labels[:9]
+    right = plots.save(plots.plot_grid(images, labels, 3, 3, labels), tmp_path / "right.png")
+    wrong_preds = labels.copy()
+    wrong_preds[[1, 7]] = (labels[[1, 7]] + 1) % 10
+    wrong = plots.save(plots.plot_grid(images, labels, 3, 3, wrong_preds), tmp_path / "wrong.png")
+    assert _red_pixels(right) == 0
+    assert _red_pixels(wrong) > 2 * 4 * 100  # two frames around ~120-pixel-wide cells, and red titles
+    dim = plots.save(plots.plot_grid(images // 4, labels, 3, 3), tmp_path / "dim.png")
+    bright = plots.save(plots.plot_grid(images, labels, 3, 3), tmp_path / "bright.png")
+    with Image.open(dim) as a, Image.open(bright) as b:  # each image is scaled to its own range
+        assert np.abs(np.asarray(a, dtype=np.int32) - np.asarray(b, dtype=np.int32)).mean() < 2

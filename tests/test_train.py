@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mnistlab
 from mnistlab.errors import UsageError
-from mnistlab.evaluate import evaluate
+from mnistlab.evaluate import evaluate, predict_proba
 from mnistlab.train import TrainConfig, TrainingDiverged
 
 
@@ -164,3 +164,26 @@ def test_ema_validates_and_leaves_the_averaged_weights(slices):
         assert scored["loss"] == pytest.approx(history.valid_loss[-1], rel=1e-5)  # the model is what was validated
         finals.append(model.head.weight.detach().clone())
     assert not torch.equal(finals[0], finals[1])  # the same steps, averaged weights
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_evaluate_keeps_the_probabilities_predict_proba_gives(slices, tta):
+    _, _, x_valid, y_valid = slices
+    torch.manual_seed(0)
+    model = mnistlab.models.CNN()
+    got = evaluate(model, x_valid, y_valid, tta=tta, keep_proba=True)
+    expected = predict_proba(model, x_valid, tta=tta)
+    assert got["proba"].shape == (len(x_valid), 10) and got["proba"].dtype == np.float32
+    np.testing.assert_allclose(got["proba"], expected, rtol=1e-5, atol=1e-7)
+    assert got["acc"] == pytest.approx(float((expected.argmax(1) == y_valid).mean()))
+    assert "proba" not in evaluate(model, x_valid, y_valid, tta=tta)
+
+
+def test_fit_keeps_the_last_epochs_validation_probabilities(slices):
+    x_train, y_train, x_valid, y_valid = slices
+    torch.manual_seed(0)
+    model = mnistlab.models.CNN()
+    history = mnistlab.fit(model, x_train[:1000], y_train[:1000], x_valid, y_valid, epochs=2, device="cpu")
+    proba = history.valid_proba
+    assert float((proba.argmax(1) == y_valid).mean()) == pytest.approx(history.valid_acc[-1])
+    np.testing.assert_allclose(proba, predict_proba(model, x_valid), rtol=1e-5, atol=1e-7)

@@ -75,7 +75,8 @@ def predict_proba(model: nn.Module, x, batch_size: int = 1024, tta: bool = False
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, tta: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, tta: bool = False,
+             keep_proba: bool = False) -> dict:
     """The seed's validation loss and the accuracy.
 
     ``loss`` is the mean over batches of ``batch_size`` rows of each batch's mean
@@ -84,26 +85,33 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     smaller batch counts as much as a full one). The forward passes run in larger chunks,
     which gives the same numbers faster. ``acc`` is the fraction of rows classified correctly.
     With ``tta`` both come from the probabilities averaged over ``TTA_SHIFTS`` (the loss is
-    their negative log-likelihood, averaged over batches the same way).
+    their negative log-likelihood, averaged over batches the same way). ``keep_proba`` adds
+    ``proba``: the class probabilities, float32 (N, C), as :func:`predict_proba` gives them.
     """
     device = _device_of(model)
     x, y = as_tensor(x), as_tensor(y).long()
     if len(x) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     if tta:
-        return score(_proba(model, x, chunk, tta=True), y, batch_size)
+        proba = _proba(model, x, chunk, tta=True)
+        return {**score(proba, y, batch_size), **({"proba": proba.numpy()} if keep_proba else {})}
     was_training = model.training
     model.eval()
-    losses, correct = [], 0
+    losses, correct, probas = [], 0, []
     try:
         for i in range(0, len(x), chunk):
             xb, yb = prepare(x[i : i + chunk].to(device)), y[i : i + chunk].to(device)
             out = model(xb).float()
             losses.append(F.cross_entropy(out, yb, reduction="none").cpu())
             correct += int((out.argmax(dim=1) == yb).sum())
+            if keep_proba:
+                probas.append(torch.softmax(out, dim=1).cpu())
     finally:
         model.train(was_training)
-    return {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+    result = {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+    if keep_proba:
+        result["proba"] = torch.cat(probas).numpy()
+    return result
 
 
 def score(proba, y, batch_size: int = 128) -> dict[str, float]:

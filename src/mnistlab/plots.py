@@ -22,8 +22,8 @@ RIGHT = "black"
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically (a watcher never sees half a PNG).
 
-    Every figure here lays itself out (``tight_layout``), so it is drawn once, not twice as
-    ``bbox_inches="tight"`` would.
+    Every figure here lays itself out with fixed margins, so it is drawn once: ``tight_layout``
+    or ``bbox_inches="tight"`` would draw it twice.
     """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -34,6 +34,12 @@ def _square(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32).reshape(28, 28)
 
 
+def _margins(fig: Figure, left: float, right: float, bottom: float, top: float, **spacing) -> None:
+    """Fixed margins in inches: cheaper than ``tight_layout``, which draws the figure an extra time."""
+    w, h = fig.get_figwidth(), fig.get_figheight()
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h, **spacing)
+
+
 def plot_example(image, label: int | None = None, title: str | None = None) -> Figure:
     """One image in gray, as the seed's ``plt.imshow(x_train[0].reshape((28, 28)), cmap="gray")``."""
     fig = Figure(figsize=(3.2, 3.4))
@@ -42,39 +48,57 @@ def plot_example(image, label: int | None = None, title: str | None = None) -> F
     ax.set_title(title or (f"label {label}" if label is not None else "image"))
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
-    fig.tight_layout()
+    _margins(fig, 0.6, 0.15, 0.5, 0.35)
     return fig
+
+
+# Image grids, in inches: each cell is a title band above a square image, cells apart by GAP.
+CELL, TITLE_BAND, GAP, MARGIN, SUPTITLE_BAND = 1.25, 0.36, 0.15, 0.1, 0.4
 
 
 def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str | None = None,
               probabilities=None) -> Figure:
-    """A rows x cols grid of images titled with their labels (and predictions, mistakes in red)."""
+    """A rows x cols grid of images titled with their labels (and predictions, mistakes in red).
+
+    One axes holds every image as a single montage, with the titles and red frames drawn on
+    it: several times faster to draw than an axes per image, and it looks the same. Each
+    image is scaled to its own darkest and lightest pixel, as ``imshow`` does alone.
+    """
+    from matplotlib.patches import Rectangle
+
     n = min(rows * cols, len(images))
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(_square(images[i]), cmap="gray")
+    pitch = CELL + GAP  # inches from one cell to the next
+    height, width = rows * (TITLE_BAND + pitch) - GAP, cols * pitch - GAP
+    top = SUPTITLE_BAND if title else 0.0
+    fig_width = max(width + 2 * MARGIN, 0.11 * len(title or "") + 2 * MARGIN)  # room for the title
+    fig = Figure(figsize=(fig_width, height + 2 * MARGIN + top))
+    ax = fig.add_axes(((fig_width - width) / 2 / fig_width, MARGIN / fig.get_figheight(),
+                       width / fig_width, height / fig.get_figheight()))
+    ax.axis("off")
+    px = 28 / CELL  # montage pixels per inch: one image pixel per source pixel
+    montage = np.full((round(height * px), round(width * px)), np.nan, dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x0, y0 = round(c * pitch * px), round((r * (TITLE_BAND + pitch) + TITLE_BAND) * px)
+        image = _square(images[i])
+        low, high = float(image.min()), float(image.max())
+        montage[y0 : y0 + 28, x0 : x0 + 28] = (image - low) / (high - low) if high > low else 0.0
         if predictions is None:
-            ax.set_title(f"label {int(labels[i])}", fontsize=9)
+            ax.text(x0 + 14, y0 - 2, f"label {int(labels[i])}", ha="center", va="bottom", fontsize=9)
             continue
         wrong = int(predictions[i]) != int(labels[i])
         text = f"pred {int(predictions[i])} / true {int(labels[i])}"
         if probabilities is not None:
             text += f"\np={float(probabilities[i]):.2f}"
-        ax.set_title(text, fontsize=8, color=WRONG if wrong else RIGHT)
+        ax.text(x0 + 14, y0 - 2, text, ha="center", va="bottom", fontsize=8, color=WRONG if wrong else RIGHT)
         if wrong:  # a red frame marks a mistake
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color(WRONG)
-                spine.set_linewidth(2.5)
+            ax.add_patch(Rectangle((x0 - 1, y0 - 1), 29, 29, fill=False, edgecolor=WRONG, linewidth=2.5))
+    ax.imshow(montage, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
+              extent=(-0.5, montage.shape[1] - 0.5, montage.shape[0] - 0.5, -0.5))
+    ax.set_xlim(-1.5, montage.shape[1] + 0.5)
+    ax.set_ylim(montage.shape[0] + 0.5, -1.5)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.1 / fig.get_figheight(), va="top")
     return fig
 
 
@@ -99,7 +123,7 @@ def plot_history(epochs: list[dict], title: str = "Training") -> Figure:
     for ax in (ax_loss, ax_acc):
         ax.set_xticks(x if len(x) <= 20 else ax.get_xticks())
     fig.suptitle(title)
-    fig.tight_layout()
+    _margins(fig, 0.75, 0.2, 0.55, 0.75, wspace=0.3)
     return fig
 
 
@@ -121,7 +145,7 @@ def plot_confusion(matrix: np.ndarray, title: str = "Confusion matrix (validatio
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
     ax.set_title(title)
-    fig.tight_layout()
+    _margins(fig, 0.7, 0.35, 0.6, 0.45)
     return fig
 
 
@@ -138,5 +162,5 @@ def plot_compare(histories: dict[str, list[dict]]) -> Figure:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    _margins(fig, 0.75, 0.2, 0.55, 0.4, wspace=0.3)
     return fig

@@ -175,7 +175,8 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
     ``summary.json``'s ``timings`` gives the wall seconds of this process's phases: data
     (loading and splitting), training and validation (the epochs trained here),
     checkpoints (per-epoch state, metrics, final weights), final_inference (the validation
-    probabilities the summary and pictures use) and pictures.
+    probabilities the summary and pictures use: the last epoch's validation keeps them, so this
+    is a pass of its own only with TTA or when no epoch was left to train) and pictures.
     """
     phases = phases if phases is not None else Phases()
     device = resolve_device(config.device)
@@ -197,14 +198,16 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
         if on_epoch is not None:
             on_epoch(record)
 
-    fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done,
-        optimizer=opt, start_epoch=first_epoch, average=average)
+    fitted = fit(model, x_train, y_train, x_valid, y_valid, config, on_batch=on_batch, on_epoch=epoch_done,
+                 optimizer=opt, start_epoch=first_epoch, average=average)
     train_seconds = sum(r["seconds"] for r in history.epochs)  # the epochs, validation included
     model.cpu()
     with phases("checkpoints"):
         checkpoint.save_model(model, run_dir, config.model, {"num_classes": ds.num_classes})
-    with phases("final_inference"):
-        proba = predict_proba(model, x_valid, tta=config.tta)  # once, for the summary and the pictures
+    with phases("final_inference"):  # once, for the summary and the pictures
+        proba = fitted.valid_proba  # the last epoch's validation computed them, unless nothing was left to train
+        if proba is None or config.tta:
+            proba = predict_proba(model, x_valid, tta=config.tta)
     summary = make_summary(model, config, history, len(x_train), y_valid, proba, train_seconds, device)
     with phases("pictures"):
         write_pictures(run_dir, model, x_valid, y_valid, ds.num_classes, proba=proba)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,6 +136,8 @@ class History:
     """Per-epoch metrics: one dict per epoch with epoch, train_loss, valid_loss, valid_acc, seconds."""
 
     epochs: list[dict] = field(default_factory=list)
+    # The class probabilities on the validation images after the last epoch trained, (N, C).
+    valid_proba: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def column(self, key: str) -> list:
         return [e[key] for e in self.epochs]
@@ -292,7 +295,8 @@ def fit(
                 f"training diverged: the loss became {train_loss} in epoch {epoch}; "
                 f"try a lower learning rate than {config.lr} (--lr)"
             )
-        valid = evaluate(scored, x_valid, y_valid, batch_size=2 * config.batch_size)
+        valid = evaluate(scored, x_valid, y_valid, batch_size=2 * config.batch_size, keep_proba=True)
+        history.valid_proba = valid["proba"]
         _draw_seed()  # iterating the seed's valid_dl draws a base seed too
         record = {
             "epoch": epoch,
