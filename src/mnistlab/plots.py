@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .files import write_bytes_atomic
 
@@ -64,8 +65,6 @@ def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str
     it: several times faster to draw than an axes per image, and it looks the same. Each
     image is scaled to its own darkest and lightest pixel, as ``imshow`` does alone.
     """
-    from matplotlib.patches import Rectangle
-
     n = min(rows * cols, len(images))
     pitch = CELL + GAP  # inches from one cell to the next
     height, width = rows * (TITLE_BAND + pitch) - GAP, cols * pitch - GAP
