@@ -213,3 +213,17 @@ def test_divergence_is_one_line_and_no_finished_run(tmp_path, small_dir, capsys)
     err = capsys.readouterr().err
     assert "diverged" in err and "lower learning rate" in err and len(err.strip().splitlines()) == 1
     assert not (run / "summary.json").exists()
+
+
+def test_a_real_process_flushes_all_its_output_before_its_quick_exit(run_dir):
+    """The console script ends with os._exit; a piped stdout must still arrive whole."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    out = subprocess.run([sys.executable, "-m", "mnistlab", "predict", str(run_dir), "--valid", "0:229"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()  # one print per image: many small writes, the last ones still buffered
+    correct = sum(row.split()[1] == row.split()[2] for row in lines[1:-1])
+    assert len(lines) == 1 + 229 + 1 and lines[-1] == f"{correct}/229 correct"
+    failed = subprocess.run([sys.executable, "-m", "mnistlab", "evaluate", str(run_dir / "missing")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.startswith("mnistlab evaluate: error: run directory not found")
