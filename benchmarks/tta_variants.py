@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mnistlab.augment import affine_theta
 from mnistlab.evaluate import logits, shift_images
 from mnistlab.runs import load_run_model, load_split
 
@@ -22,9 +23,8 @@ from mnistlab.runs import load_run_model, load_split
 def turned(x: torch.Tensor, degrees: float = 0.0, zoom: float = 1.0) -> torch.Tensor:
     """uint8 images (N, ...) rotated and scaled about their centre -> float pixels in [0, 1), (N, 784)."""
     images = x.reshape(-1, 1, 28, 28).float() / 256
-    a = math.radians(degrees)
-    cos, sin = math.cos(a) / zoom, math.sin(a) / zoom
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]]).expand(len(images), 2, 3)
+    one = torch.ones(1, dtype=torch.float64)  # the matrix in double, rounded once, as for a Python float
+    theta = affine_theta(one * math.radians(degrees), one * zoom, 0 * one, 0 * one).float().expand(len(images), 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(len(x), -1)
 

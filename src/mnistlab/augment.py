@@ -20,6 +20,19 @@ import torch
 import torch.nn.functional as F
 
 
+def affine_theta(angle: torch.Tensor, zoom: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``affine_grid``'s (B, 2, 3) matrices for 28x28 images: rotation by ``angle`` (radians),
+    scaling by ``zoom``, shifts by ``dx``, ``dy`` pixels; one value of each per image.
+
+    ``affine_grid`` maps output coordinates to input ones in [-1, 1]: the inverse map.
+    """
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    return torch.stack([
+        torch.stack([cos, -sin, dx * 2 / 28], dim=1),
+        torch.stack([sin, cos, dy * 2 / 28], dim=1),
+    ], dim=1)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Ranges of the random maps; each drawn uniformly per image."""
@@ -38,14 +51,8 @@ class Augment:
         if n == 0:
             return xb
         r = torch.rand(n, 4, device=xb.device, dtype=xb.dtype) * 2 - 1  # uniform in [-1, 1)
-        angle = r[:, 0] * math.radians(self.rotate)
-        zoom = 1 + r[:, 1] * self.scale
-        # affine_grid maps output coordinates to input ones in [-1, 1]: the inverse map.
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([
-            torch.stack([cos, -sin, r[:, 2] * self.shift * 2 / 28], dim=1),
-            torch.stack([sin, cos, r[:, 3] * self.shift * 2 / 28], dim=1),
-        ], dim=1)
+        theta = affine_theta(r[:, 0] * math.radians(self.rotate), 1 + r[:, 1] * self.scale,
+                             r[:, 2] * self.shift, r[:, 3] * self.shift)
         grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
         if self.elastic > 0:
             coarse = torch.rand(n, 2, self.control, self.control, device=xb.device, dtype=xb.dtype) * 2 - 1

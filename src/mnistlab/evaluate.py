@@ -94,23 +94,25 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
         return {"loss": float("nan"), "acc": float("nan")}
     if tta:
         proba = _proba(model, x, chunk, tta=True)
-        return {**score(proba, y, batch_size), **({"proba": proba.numpy()} if keep_proba else {})}
-    was_training = model.training
-    model.eval()
-    losses, correct, probas = [], 0, []
-    try:
-        for i in range(0, len(x), chunk):
-            xb, yb = prepare(x[i : i + chunk].to(device)), y[i : i + chunk].to(device)
-            out = model(xb).float()
-            losses.append(F.cross_entropy(out, yb, reduction="none").cpu())
-            correct += int((out.argmax(dim=1) == yb).sum())
-            if keep_proba:
-                probas.append(torch.softmax(out, dim=1).cpu())
-    finally:
-        model.train(was_training)
-    result = {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+        result = score(proba, y, batch_size)
+    else:
+        was_training = model.training
+        model.eval()
+        losses, correct, probas = [], 0, []
+        try:
+            for i in range(0, len(x), chunk):
+                xb, yb = prepare(x[i : i + chunk].to(device)), y[i : i + chunk].to(device)
+                out = model(xb).float()
+                losses.append(F.cross_entropy(out, yb, reduction="none").cpu())
+                correct += int((out.argmax(dim=1) == yb).sum())
+                if keep_proba:
+                    probas.append(torch.softmax(out, dim=1).cpu())
+        finally:
+            model.train(was_training)
+        result = {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+        proba = torch.cat(probas) if keep_proba else None
     if keep_proba:
-        result["proba"] = torch.cat(probas).numpy()
+        result["proba"] = proba.numpy()
     return result
 
 

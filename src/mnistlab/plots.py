@@ -69,7 +69,7 @@ def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str
     pitch = CELL + GAP  # inches from one cell to the next
     height, width = rows * (TITLE_BAND + pitch) - GAP, cols * pitch - GAP
     top = SUPTITLE_BAND if title else 0.0
-    fig_width = max(width + 2 * MARGIN, 0.11 * len(title or "") + 2 * MARGIN)  # room for the title
+    fig_width = max(width, 0.11 * len(title or "")) + 2 * MARGIN  # room for the title
     fig = Figure(figsize=(fig_width, height + 2 * MARGIN + top))
     ax = fig.add_axes(((fig_width - width) / 2 / fig_width, MARGIN / fig.get_figheight(),
                        width / fig_width, height / fig.get_figheight()))
@@ -92,8 +92,7 @@ def plot_grid(images, labels, rows: int, cols: int, predictions=None, title: str
         ax.text(x0 + 14, y0 - 2, text, ha="center", va="bottom", fontsize=8, color=WRONG if wrong else RIGHT)
         if wrong:  # a red frame marks a mistake
             ax.add_patch(Rectangle((x0 - 1, y0 - 1), 29, 29, fill=False, edgecolor=WRONG, linewidth=2.5))
-    ax.imshow(montage, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
-              extent=(-0.5, montage.shape[1] - 0.5, montage.shape[0] - 0.5, -0.5))
+    ax.imshow(montage, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xlim(-1.5, montage.shape[1] + 0.5)
     ax.set_ylim(montage.shape[0] + 0.5, -1.5)
     if title:

@@ -295,8 +295,10 @@ def fit(
                 f"training diverged: the loss became {train_loss} in epoch {epoch}; "
                 f"try a lower learning rate than {config.lr} (--lr)"
             )
-        valid = evaluate(scored, x_valid, y_valid, batch_size=2 * config.batch_size, keep_proba=True)
-        history.valid_proba = valid["proba"]
+        last = epoch == config.epochs
+        valid = evaluate(scored, x_valid, y_valid, batch_size=2 * config.batch_size, keep_proba=last)
+        if last:
+            history.valid_proba = valid["proba"]
         _draw_seed()  # iterating the seed's valid_dl draws a base seed too
         record = {
             "epoch": epoch,
