@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .allocator import keep_freed_memory
 from .augment import AUGMENTS
 from .data import SPLITS
@@ -185,6 +186,14 @@ def dataloader_order(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed()))
 
 
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s training forward pass: the compiled kernels for the seed's CNN on a CPU
+    (:mod:`mnistlab.native`, about twice as fast), else the model itself."""
+    if native.supports(model, x[:1].float()):
+        return lambda xb: native.seedcnn(model, xb)
+    return model
+
+
 def train_epoch(
     model: nn.Module,
     opt,
@@ -209,6 +218,7 @@ def train_epoch(
     smoothing = config.label_smoothing if config is not None else 0.0
     augment = AUGMENTS[config.augment] if config is not None else None
     scheduled = config is not None and config.schedule != "constant"
+    forward = _forward(model, x)
     for b in range(n_batches):
         if scheduled:
             step, steps = (epoch - 1) * n_batches + b, config.epochs * n_batches
@@ -218,7 +228,7 @@ def train_epoch(
         xb = prepare(x[idx])
         if augment is not None:
             xb = augment(xb)
-        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=smoothing)
+        loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=smoothing)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

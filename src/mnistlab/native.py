@@ -1,0 +1,163 @@
+"""A compiled forward and backward pass for the seed's CNN on the CPU.
+
+At the seed's batch of 64, oneDNN's kernels for these three small convolutions spend most of
+a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C file
+beside this module (``csrc/seedcnn.c``) computes the whole network, forward and backward,
+in a few loops over 16-channel vectors. It is compiled once per machine with the system's C
+compiler (``cc -O3 -march=native``) into a cache folder and loaded with ctypes; without a
+compiler, or where it fails, :func:`available` is False and training keeps PyTorch's
+convolutions. ``MNISTLAB_NATIVE=0`` turns it off.
+
+The arithmetic is the same as PyTorch's up to the order of the additions (float32
+throughout), so results agree to rounding, not bit for bit (``tests/test_native.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from . import data
+
+SOURCE = Path(__file__).with_name("csrc") / "seedcnn.c"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-shared", "-fPIC"]
+MAX_CLASSES = 16
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept: ``native/`` in the data cache (``mnistlab.data.cache_dir``)."""
+    return data.cache_dir() / "native"
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on: the source, the flags, and this CPU's instruction sets."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    key = SOURCE.read_bytes() + " ".join(FLAGS).encode() + flags.encode() + platform.machine().encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) found")
+    target = cache_dir() / f"seedcnn-{_cpu_key()}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"{compiler} failed: {done.stderr.strip()[:300]}")
+            os.replace(tmp, target)  # atomic: concurrent builds leave one whole library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    f = ctypes.c_void_p
+    lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
+    lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
+    lib.seedcnn_forward.restype = lib.seedcnn_backward.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, building it on first use; None where it cannot be had."""
+    global _lib, _tried, _error
+    with _lock:
+        if not _tried:
+            _tried = True
+            if os.environ.get("MNISTLAB_NATIVE", "1") == "0":
+                _error = "turned off by MNISTLAB_NATIVE=0"
+            elif sys.platform == "win32":
+                _error = "not built on Windows"
+            else:
+                try:
+                    _lib = _build()
+                except OSError as e:
+                    _error = str(e)
+        return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_unavailable() -> str | None:
+    library()
+    return _error
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class SeedCNNFunction(torch.autograd.Function):
+    """logits = CNN(x) for the seed's CNN, with the compiled kernels; differentiable in the weights."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3):
+        lib = library()
+        n, classes = x.shape[0], w3.shape[0]
+        x = x.reshape(n, 784).contiguous()
+        weights = [t.detach().contiguous() for t in (w1, b1, w2, b2, w3, b3)]
+        a1 = torch.empty(n, 225, 16)
+        a2 = torch.empty(n, 81, 16)
+        a3 = torch.empty(n, 16, 16)
+        out = torch.empty(n, classes)
+        wp = [_ptr(t) for t in weights]
+
+        lib.seedcnn_forward(n, classes, _ptr(x), *wp, _ptr(a1), _ptr(a2), _ptr(a3), _ptr(out))
+        ctx.save_for_backward(x, *weights, a1, a2, a3)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        lib = library()
+        x, w1, b1, w2, b2, w3, b3, a1, a2, a3 = ctx.saved_tensors
+        gout = gout.contiguous()
+        weights = (w1, b1, w2, b2, w3, b3)
+        grads = [torch.empty_like(t) for t in weights]
+        lib.seedcnn_backward(x.shape[0], w3.shape[0], _ptr(x), *[_ptr(t) for t in weights], _ptr(a1), _ptr(a2),
+                             _ptr(a3), _ptr(gout), *[_ptr(g) for g in grads])
+        return (None, *grads)
+
+
+def supports(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`seedcnn` can run ``model`` (the seed's CNN) on the batch ``x``."""
+    from .models import CNN
+
+    return (
+        type(model) is CNN
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and model.conv3.out_channels <= MAX_CLASSES
+        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+        and available()
+    )
+
+
+def seedcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` for the seed's :class:`~mnistlab.models.CNN`, computed by the compiled kernels."""
+    return SeedCNNFunction.apply(x, model.conv1.weight, model.conv1.bias, model.conv2.weight, model.conv2.bias,
+                                 model.conv3.weight, model.conv3.bias)

@@ -1,0 +1,106 @@
+"""The compiled kernels for the seed's CNN (mnistlab.native) against PyTorch's autograd."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnistlab
+from mnistlab import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"no compiled kernels: {native.why_unavailable()}")
+
+
+def _grads(model, x, y, forward):
+    model.zero_grad()
+    out = forward(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 64, 131])  # batch sizes around the kernels' groups of images
+@pytest.mark.parametrize("classes", [10, 3, 16])
+def test_forward_and_gradients_match_pytorch(n, classes):
+    torch.manual_seed(n * 100 + classes)
+    model = mnistlab.models.CNN(num_classes=classes)
+    with torch.no_grad():  # biases away from 0 so that some ReLUs are off, some on
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.rand(n, 784)
+    y = torch.randint(0, classes, (n,))
+    out_t, grads_t = _grads(model, x, y, model)
+    out_n, grads_n = _grads(model, x, y, lambda xb: native.seedcnn(model, xb))
+    assert out_n.shape == (n, classes)
+    torch.testing.assert_close(out_n, out_t, rtol=1e-5, atol=1e-6)
+    for name, gn, gt in zip([k for k, _ in model.named_parameters()], grads_n, grads_t, strict=True):
+        assert gn.shape == gt.shape, name
+        torch.testing.assert_close(gn, gt, rtol=1e-4, atol=1e-6, msg=name)
+        assert gt.abs().max() > 0, name  # the comparison has something to compare
+
+
+def test_images_as_28x28_and_as_rows_give_the_same_logits():
+    torch.manual_seed(0)
+    model = mnistlab.models.CNN()
+    x = torch.rand(9, 28, 28)
+    assert torch.equal(native.seedcnn(model, x), native.seedcnn(model, x.reshape(9, 784)))
+
+
+def test_supports_only_the_seeds_cnn_in_float32_on_the_cpu():
+    x = torch.rand(2, 784)
+    assert native.supports(mnistlab.models.CNN(), x)
+    assert not native.supports(mnistlab.models.CNN(), x.double())
+    assert not native.supports(mnistlab.models.CNN().double(), x)
+    assert not native.supports(mnistlab.models.CNN(num_classes=17), x)  # more classes than a vector holds
+    assert not native.supports(mnistlab.models.create_model("fastcnn"), x)
+    assert not native.supports(mnistlab.models.FeedForward(), x)
+
+
+def test_fit_uses_the_kernels_and_learns_like_pytorch(mnist, monkeypatch):
+    """The same seeded run, kernels on and off: the same batches, results equal up to rounding."""
+    x, y = mnist.images, mnist.labels
+    calls = []
+    seedcnn = native.seedcnn
+    monkeypatch.setattr(native, "seedcnn", lambda model, xb: calls.append(len(xb)) or seedcnn(model, xb))
+    runs = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(native, "supports", lambda model, x: False)
+        torch.manual_seed(3)
+        model = mnistlab.models.CNN()
+        h = mnistlab.fit(model, x[:640], y[:640], x[50000:50500], y[50000:50500], epochs=2, device="cpu")
+        runs.append((h, model))
+    assert calls == [64] * 20  # every training batch of the first run, none of the second
+    assert runs[0][0].valid_loss == pytest.approx(runs[1][0].valid_loss, rel=1e-3)
+    for a, b in zip(runs[0][1].parameters(), runs[1][1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_turned_off_by_the_environment_variable():
+    done = _python("from mnistlab import native; print(native.available(), native.why_unavailable())",
+                   MNISTLAB_NATIVE="0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False turned off by MNISTLAB_NATIVE=0"
+
+
+def test_without_a_working_compiler_training_falls_back_to_pytorch(tmp_path):
+    code = (
+        "import torch, mnistlab; from mnistlab import native\n"
+        "print(native.available(), native.why_unavailable())\n"
+        "torch.manual_seed(0); m = mnistlab.models.CNN(); x = torch.randint(0, 256, (64, 784), dtype=torch.uint8)\n"
+        "y = torch.randint(0, 10, (64,)); h = mnistlab.fit(m, x, y, x, y, epochs=1, device='cpu')\n"
+        "print(len(h.epochs))\n"
+    )
+    done = _python(code, CC="/bin/false", MNISTLAB_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("False /bin/false failed")
+    assert second == "1"
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-built library left behind
