@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,8 @@ def test_fit_uses_the_kernels_and_learns_like_pytorch(mnist, monkeypatch):
         model = mnistlab.models.CNN()
         h = mnistlab.fit(model, x[:640], y[:640], x[50000:50500], y[50000:50500], epochs=2, device="cpu")
         runs.append((h, model))
-    assert calls == [64] * 20  # every training batch of the first run, none of the second
+    # the first run's 10 training batches and one validation chunk per epoch, none of the second's
+    assert calls == ([64] * 10 + [500]) * 2
     assert runs[0][0].valid_loss == pytest.approx(runs[1][0].valid_loss, rel=1e-3)
     for a, b in zip(runs[0][1].parameters(), runs[1][1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
@@ -104,3 +106,22 @@ def test_without_a_working_compiler_training_falls_back_to_pytorch(tmp_path):
     assert first.startswith("False /bin/false failed")
     assert second == "1"
     assert not list((tmp_path / "native").glob("*.so"))  # no half-built library left behind
+
+
+def test_evaluation_uses_the_kernels_with_pytorchs_numbers(mnist, monkeypatch):
+    torch.manual_seed(0)
+    model = mnistlab.models.CNN()
+    x, y = mnist.images[50000:51000], mnist.labels[50000:51000]
+    calls = []
+    seedcnn = native.seedcnn
+    monkeypatch.setattr(native, "seedcnn", lambda model, xb: calls.append(len(xb)) or seedcnn(model, xb))
+    ours = mnistlab.evaluate(model, x, y, keep_proba=True)
+    proba = mnistlab.predict_proba(model, x, batch_size=300)
+    assert calls == [1000, 300, 300, 300, 100]
+    monkeypatch.setattr(native, "supports", lambda model, x: False)
+    theirs = mnistlab.evaluate(model, x, y, keep_proba=True)
+    assert len(calls) == 5
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    assert ours["acc"] == theirs["acc"]
+    np.testing.assert_allclose(ours["proba"], theirs["proba"], atol=1e-6)
+    np.testing.assert_allclose(proba, theirs["proba"], atol=1e-6)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 
 def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
     """NumPy or torch -> torch tensor on ``device``, without copying when it can."""
@@ -34,7 +36,8 @@ def logits(model: nn.Module, x, batch_size: int = 1024) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        out = [model(prepare(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+        forward = native.forward_for(model, x[:1].to(device))
+        out = [forward(prepare(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -99,10 +102,11 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
         was_training = model.training
         model.eval()
         losses, correct, probas = [], 0, []
+        forward = native.forward_for(model, x[:1].to(device))
         try:
             for i in range(0, len(x), chunk):
                 xb, yb = prepare(x[i : i + chunk].to(device)), y[i : i + chunk].to(device)
-                out = model(xb).float()
+                out = forward(xb).float()
                 losses.append(F.cross_entropy(out, yb, reduction="none").cpu())
                 correct += int((out.argmax(dim=1) == yb).sum())
                 if keep_proba:

@@ -186,14 +186,6 @@ def dataloader_order(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed()))
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model``'s training forward pass: the compiled kernels for the seed's CNN on a CPU
-    (:mod:`mnistlab.native`, about twice as fast), else the model itself."""
-    if native.supports(model, x[:1].float()):
-        return lambda xb: native.seedcnn(model, xb)
-    return model
-
-
 def train_epoch(
     model: nn.Module,
     opt,
@@ -218,7 +210,7 @@ def train_epoch(
     smoothing = config.label_smoothing if config is not None else 0.0
     augment = AUGMENTS[config.augment] if config is not None else None
     scheduled = config is not None and config.schedule != "constant"
-    forward = _forward(model, x)
+    forward = native.forward_for(model, x)  # the compiled kernels for the seed's CNN on a CPU
     for b in range(n_batches):
         if scheduled:
             step, steps = (epoch - 1) * n_batches + b, config.epochs * n_batches

@@ -14,6 +14,10 @@
  */
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #define K 16  /* channels of every vector; conv3's C classes are padded up to it */
 #ifndef G /* images in flight: as many chains of multiply-adds as the vector registers hold */
 #if defined(__AVX512F__)
@@ -197,19 +201,46 @@ INLINE void forward_group(int g, int C, const Weights *W, const float *x, float 
     }
 }
 
+/* Images [a, b) in groups of G, the rest as one smaller group: the switch gives each call a
+ * constant group size, so that its loops over images unroll. */
+#define CASE(r, CALL) \
+    case r: CALL(r, i); break;
+#define GROUPS(a, b, CALL)                          \
+    do {                                            \
+        int i = (a);                                \
+        for (; i + G <= (b); i += G) CALL(G, i);    \
+        switch ((b) - i) { TAIL(CALL) default: break; } \
+    } while (0)
+#if G == 8
+#define TAIL(CALL) CASE(7, CALL) CASE(6, CALL) CASE(5, CALL) CASE(4, CALL) CASE(3, CALL) CASE(2, CALL) CASE(1, CALL)
+#elif G == 6
+#define TAIL(CALL) CASE(5, CALL) CASE(4, CALL) CASE(3, CALL) CASE(2, CALL) CASE(1, CALL)
+#elif G == 4
+#define TAIL(CALL) CASE(3, CALL) CASE(2, CALL) CASE(1, CALL)
+#else
+#error "G must be 4, 6 or 8"
+#endif
+
+/* The batch is cut into PARTS fixed slices, run in parallel (OpenMP, the threads PyTorch
+ * uses); the weights' gradients are summed over the slices in a fixed order, so the result
+ * does not depend on the number of threads. */
+#define PARTS 4
+static inline int part_start(int n, int k) { return (int)((long)n * k / PARTS); }
+
 /* x: (n, 784); saves a1: (n, 15, 15, K), a2: (n, 9, 9, K) (zero-bordered) and a3: (n, 4, 4, K),
  * after ReLU; out: (n, C). */
 void seedcnn_forward(int n, int C, const float *x, const float *w1, const float *b1, const float *w2,
                      const float *b2, const float *w3, const float *b3, float *a1, float *a2, float *a3, float *out) {
     Weights W;
     load_weights(&W, C, w1, b1, w2, b2, w3, b3);
-    int b = 0;
-    for (; b + G <= n; b += G)
-        forward_group(G, C, &W, x + (long)b * 784, a1 + (long)b * P1 * P1 * K, a2 + (long)b * P2 * P2 * K,
-                      a3 + (long)b * 16 * K, out + (long)b * C);
-    for (; b < n; b++)
-        forward_group(1, C, &W, x + (long)b * 784, a1 + (long)b * P1 * P1 * K, a2 + (long)b * P2 * P2 * K,
-                      a3 + (long)b * 16 * K, out + (long)b * C);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < PARTS; k++) {
+#define FORWARD(g, b)                                                                                       \
+    forward_group(g, C, &W, x + (long)(b) * 784, a1 + (long)(b) * P1 * P1 * K, a2 + (long)(b) * P2 * P2 * K, \
+                  a3 + (long)(b) * 16 * K, out + (long)(b) * C)
+        GROUPS(part_start(n, k), part_start(n, k + 1), FORWARD);
+#undef FORWARD
+    }
 }
 
 typedef struct {
@@ -266,16 +297,31 @@ void seedcnn_backward(int n, int C, const float *x, const float *w1, const float
                       const float *a3, const float *gout, float *gw1, float *gb1, float *gw2, float *gb2, float *gw3,
                       float *gb3) {
     Weights W;
-    Grads D;
+    Grads parts[PARTS], D;
     load_weights(&W, C, w1, b1, w2, b2, w3, b3);
-    memset(&D, 0, sizeof D);
-    int b = 0;
-    for (; b + G <= n; b += G)
-        backward_group(G, C, &W, &D, x + (long)b * 784, a1 + (long)b * P1 * P1 * K, a2 + (long)b * P2 * P2 * K,
-                       a3 + (long)b * 16 * K, gout + (long)b * C);
-    for (; b < n; b++)
-        backward_group(1, C, &W, &D, x + (long)b * 784, a1 + (long)b * P1 * P1 * K, a2 + (long)b * P2 * P2 * K,
-                       a3 + (long)b * 16 * K, gout + (long)b * C);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < PARTS; k++) {
+        Grads *P = &parts[k];
+        memset(P, 0, sizeof *P);
+#define BACKWARD(g, b)                                                                                         \
+    backward_group(g, C, &W, P, x + (long)(b) * 784, a1 + (long)(b) * P1 * P1 * K, a2 + (long)(b) * P2 * P2 * K, \
+                   a3 + (long)(b) * 16 * K, gout + (long)(b) * C)
+        GROUPS(part_start(n, k), part_start(n, k + 1), BACKWARD);
+#undef BACKWARD
+    }
+    D = parts[0];
+    for (int k = 1; k < PARTS; k++) {
+        for (int t = 0; t < 9; t++) {
+            add_(&D.d1[t], parts[k].d1[t]);
+            for (int i = 0; i < K; i++) {
+                add_(&D.d2[t][i], parts[k].d2[t][i]);
+                add_(&D.d3[t][i], parts[k].d3[t][i]);
+            }
+        }
+        add_(&D.e1, parts[k].e1);
+        add_(&D.e2, parts[k].e2);
+        add_(&D.e3, parts[k].e3);
+    }
     for (int o = 0; o < K; o++) {
         gb1[o] = lane(D.e1, o);
         gb2[o] = lane(D.e2, o);
