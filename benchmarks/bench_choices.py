@@ -2,9 +2,11 @@
 
 For the seed's CNN (batch 64) and the fast preset's model (batch 256), interleaved,
 --repeats times each: our settings (2 threads, channels-last, fp32, eager, glibc malloc
-keeping freed memory) against 1 thread, the default NCHW layout, bf16 autocast,
-torch.compile, other batch sizes (all in this process), and glibc's default malloc
-settings (in a child process, since they cannot be restored once changed). Each
+keeping freed memory; for the seed's CNN, the compiled kernels of mnistlab.native) against
+PyTorch's convolutions in their place (seed's CNN), 1 thread, the default NCHW layout, bf16
+autocast, torch.compile (these three with PyTorch's convolutions), other batch sizes (all in
+this process), and glibc's default malloc settings (in a child process, since they cannot be
+restored once changed). Each
 measurement is --steps training steps on real MNIST batches after a warm-up;
 the medians are reported as images/s and as a ratio to our settings.
 
@@ -23,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mnistlab import native
 from mnistlab.allocator import keep_freed_memory
 from mnistlab.bench import machine
 from mnistlab.data import load_dataset
@@ -31,14 +34,15 @@ from mnistlab.models import create_model
 from mnistlab.optim import SGD
 
 
-def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False):
+def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False,
+                     kernels=True):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(name)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if compiled else native.forward_for(model, x[:1]) if kernels else model
     order = torch.randperm(len(x))
 
     def step(b):
@@ -82,21 +86,24 @@ def main() -> None:
         print(json.dumps(steps_per_second(name, int(batch), int(steps), x, y)))
         return
     keep_freed_memory()
-    variants = [
+    all_variants = [
         ("ours: 2 threads, channels-last, fp32, eager, malloc keeps freed memory", {}),
+        ("PyTorch's convolutions (oneDNN) instead of mnistlab.native's kernels", {"kernels": False}),
         ("1 thread", {"threads": 1}),
-        ("NCHW (default layout)", {"channels_last": False}),
-        ("bf16 autocast", {"bf16": True}),
+        ("NCHW (default layout)", {"channels_last": False, "kernels": False}),
+        ("bf16 autocast", {"bf16": True, "kernels": False}),
         ("batch / 2", {"batch_scale": 0.5}),
         ("batch x 2", {"batch_scale": 2}),
         ("glibc malloc defaults", {"malloc_defaults": True}),
     ]
     if not args.no_compile:
-        variants.append(("torch.compile", {"compiled": True}))
+        all_variants.append(("torch.compile", {"compiled": True}))
     print(f"machine: {machine()}; {args.steps} steps, median of {args.repeats}")
     print("| model (batch) | variant | images/s | vs ours | warm-up s |")
     print("|---|---|---|---|---|")
     for name, batch in (("cnn", 64), ("fastcnn", 256)):
+        # the kernels exist for the seed's CNN alone
+        variants = [(label, kw) for label, kw in all_variants if name == "cnn" or not label.startswith("PyTorch's")]
         rates = {label: [] for label, _ in variants}
         warms = {label: [] for label, _ in variants}
         for _ in range(args.repeats):

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 import mnistlab
 from mnistlab import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"no compiled kernels: {native.why_unavailable()}")
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    """Built (once, into the session's cache, see conftest.py) when the first test runs, not at collection."""
+    if not native.available():
+        pytest.skip(f"no compiled kernels: {native.why_unavailable()}")
 
 
 def _grads(model, x, y, forward):
