@@ -1,4 +1,4 @@
-"""A compiled forward and backward pass for the seed's CNN on the CPU.
+"""Compiled forward and backward passes for the seed's CNN and the fast preset's model on the CPU.
 
 At the seed's batch of 64, oneDNN's kernels for these three small convolutions spend most of
 a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C file
@@ -29,7 +29,9 @@ import torch
 
 from . import data
 
-SOURCE = Path(__file__).with_name("csrc") / "seedcnn.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
+HEADERS = [CSRC / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
 # OpenMP where the compiler has it: the library then shares PyTorch's OpenMP runtime (libgomp.so.1,
 # already loaded by torch) and its thread count; without it, the kernels run on one thread.
@@ -55,7 +57,8 @@ def _cpu_key() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    key = SOURCE.read_bytes() + " ".join(FLAGS + OPENMP).encode() + flags.encode() + platform.machine().encode()
+    key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS + OPENMP).encode()
+    key += flags.encode() + platform.machine().encode()
     return hashlib.sha256(key).hexdigest()[:16]
 
 
@@ -63,15 +66,15 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) found")
-    target = cache_dir() / f"seedcnn-{_cpu_key()}.so"
+    target = cache_dir() / f"kernels-{_cpu_key()}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
             for extra in (OPENMP, []):
-                done = subprocess.run([compiler, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True,
-                                      text=True)
+                command = [compiler, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"]
+                done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode == 0:
                     break
             else:
@@ -84,7 +87,10 @@ def _build() -> ctypes.CDLL:
     f = ctypes.c_void_p
     lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
     lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
-    lib.seedcnn_forward.restype = lib.seedcnn_backward.restype = None
+    lib.fastcnn_forward.argtypes = [ctypes.c_int] + [f] * 19
+    lib.fastcnn_backward.argtypes = [ctypes.c_int] + [f] * 29
+    for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_forward, lib.fastcnn_backward):
+        fn.restype = None
     return lib
 
 
@@ -154,14 +160,12 @@ def supports(model: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`seedcnn` can run ``model`` (the seed's CNN) on the batch ``x``."""
     from .models import CNN
 
-    return (
-        type(model) is CNN
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and model.conv3.out_channels <= MAX_CLASSES
-        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-        and available()
-    )
+    return type(model) is CNN and model.conv3.out_channels <= MAX_CLASSES and _cpu_float(model, x) and available()
+
+
+def _cpu_float(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    tensors = [x, *model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def seedcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,9 +174,82 @@ def seedcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                                  model.conv3.weight, model.conv3.bias)
 
 
+class FastCNNFeatures(torch.autograd.Function):
+    """FastCNN's features in training mode (BatchNorm with the batch's statistics), with the
+    compiled kernels; returns the features (n, 1024) and the batch statistics (6, 64): mean and
+    biased variance of each BatchNorm layer, for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, w3, g3, b3):
+        lib = library()
+        n = x.shape[0]
+        x = x.reshape(n, 784).contiguous()
+        params = [t.detach().contiguous() for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
+        saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
+        stats = torch.zeros(6, 64)
+        feats = torch.empty(n, 1024)
+        lib.fastcnn_forward(n, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats),
+                            _ptr(feats))
+        ctx.save_for_backward(*params, *saved, stats)
+        ctx.mark_non_differentiable(stats)
+        return feats, stats
+
+    @staticmethod
+    def backward(ctx, gfeat, _gstats):
+        lib = library()
+        w1, g1, b1, w2, g2, b2, w3, g3, b3, *saved, stats = ctx.saved_tensors
+        n = saved[0].shape[0]
+        gfeat = gfeat.contiguous()
+        scratch = [torch.empty(n, size) for size in (16 * 64, 81 * 32, 49 * 32, 225 * 16, 196 * 16)]
+        grads = [torch.empty_like(t) for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
+        lib.fastcnn_backward(n, *[_ptr(t) for t in (w1, g1, w2, g2, w3, g3)], *[_ptr(t) for t in saved], _ptr(stats),
+                             _ptr(gfeat), *[_ptr(t) for t in scratch], *[_ptr(t) for t in grads])
+        return (None, *grads)
+
+
+def _fast_supported(model: torch.nn.Module) -> bool:
+    from .models import FastCNN
+
+    if type(model) is not FastCNN or not model.training:
+        return False
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    return (
+        [c.out_channels for c in convs] == [16, 32, 64]
+        and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum is not None for b in bns)
+        and model.MEAN == 0.1307
+        and model.STD == 0.3081
+    )
+
+
+def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` for :class:`~mnistlab.models.FastCNN` in training mode, by the compiled kernels;
+    updates the BatchNorm layers' running statistics as PyTorch does."""
+    if len(x) == 0:
+        return model(x)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    args = [x]
+    for conv, bn in zip(convs, bns, strict=True):
+        args += [conv.weight, bn.weight, bn.bias]
+    feats, stats = FastCNNFeatures.apply(*args)
+    count = {16: 196, 32: 49, 64: 16}
+    with torch.no_grad():
+        for k, bn in enumerate(bns):
+            c = bn.num_features
+            m = count[c] * len(x)  # values per channel in the batch
+            mean, var = stats[2 * k, :c], stats[2 * k + 1, :c]
+            bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
+            bn.running_var.mul_(1 - bn.momentum).add_(var * (m / max(m - 1, 1)), alpha=bn.momentum)
+            bn.num_batches_tracked.add_(1)
+    return model.head(feats)
+
+
 def forward_for(model: torch.nn.Module, x: torch.Tensor):
-    """``model``'s forward pass for batches like ``x``: :func:`seedcnn` where it applies
-    (:func:`supports`), else ``model`` itself."""
+    """``model``'s forward pass for batches like ``x``: :func:`seedcnn` or :func:`fastcnn` where
+    they apply, else ``model`` itself. Decided once, in the model's current mode (train/eval)."""
     if supports(model, x[:1].float()):
         return lambda xb: seedcnn(model, xb)
+    if _fast_supported(model) and _cpu_float(model, x[:1].float()) and available():
+        return lambda xb: fastcnn(model, xb)
     return model

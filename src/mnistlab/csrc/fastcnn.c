@@ -1,0 +1,427 @@
+/* The fast preset's network (FastCNN) in training mode, features forward and backward.
+ *
+ * x standardised ((x - 0.1307) / 0.3081) -> conv 5x5 s2 p2 -> 14x14x16 -> BatchNorm -> ReLU
+ * -> conv 3x3 s2 p1 -> 7x7x32 -> BatchNorm -> ReLU -> conv 3x3 s2 p1 -> 4x4x64 -> BatchNorm
+ * -> ReLU -> features (n, 1024) in PyTorch's (channel, row, column) order. The linear head
+ * stays in PyTorch. BatchNorm normalises with the batch's statistics (biased variance) as
+ * PyTorch does in training mode; the batch means and variances are returned for the running
+ * statistics, which the caller updates.
+ *
+ * Same conventions as seedcnn.c (whose vector helpers are shared through kernels.h):
+ * channels-last activations in zero-bordered grids, G images in flight per weight load, the
+ * batch cut into PARTS fixed slices run on OpenMP threads, and every sum over the batch
+ * taken slice by slice in a fixed order, so results do not depend on the thread count.
+ */
+#include "kernels.h"
+
+#define FPARTS 8
+#define XF 31 /* zero-bordered input side: 2 + 28 + 1 */
+#define Q1 15 /* conv1's output (14x14) with one zero row and column in front, for conv2 */
+#define Q2 9  /* conv2's output (7x7) with a zero border, for conv3 */
+#define EPS 1e-5f
+
+static inline int fslice(int n, int k) { return (int)((long)n * k / FPARTS); }
+
+/* Image j of the batch, standardised, into a zero-bordered 31x31 grid (offset 2). */
+static void pad_standardised(const float *x, float *xp) {
+    memset(xp, 0, XF * XF * sizeof(float));
+    for (int r = 0; r < 28; r++)
+        for (int c = 0; c < 28; c++) xp[(r + 2) * XF + c + 2] = (x[r * 28 + c] - 0.1307f) * (1.0f / 0.3081f);
+}
+
+/* conv1 (5x5 s2, 1 -> 16, no bias) for g images: z (g, 196, 16) pre-normalisation. */
+INLINE void conv1_fwd(int g, const float *xp, const vec w[25], float *z) {
+    for (int oy = 0; oy < 14; oy++)
+        for (int ox = 0; ox < 14; ox++) {
+            vec acc[G];
+            for (int j = 0; j < g; j++) acc[j] = zero();
+            for (int ky = 0; ky < 5; ky++)
+                for (int kx = 0; kx < 5; kx++)
+                    for (int j = 0; j < g; j++) fma_(&acc[j], xp[j * XF * XF + (2 * oy + ky) * XF + 2 * ox + kx], w[ky * 5 + kx]);
+            for (int j = 0; j < g; j++) store(z + ((long)j * 196 + oy * 14 + ox) * 16, acc[j]);
+        }
+}
+
+/* A 3x3 stride-2 conv, CI -> CO channels (multiples of 16), no bias, for g images: input grids
+ * of side pi (CI channels per cell, zero border, output (oy, ox) reads cells (2oy+ky, 2ox+kx)),
+ * output z (g, ho*ho, CO). w: [tap][CI][CO/16]. */
+INLINE void conv3x3_fwd(int g, int CI, int CO, const float *in, int pi, const vec *w, float *z, int ho) {
+    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
+    for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < ho; ox++)
+            for (int c = 0; c < CO / 16; c++) {
+                vec acc[G];
+                for (int j = 0; j < g; j++) acc[j] = zero();
+                for (int ky = 0; ky < 3; ky++)
+                    for (int kx = 0; kx < 3; kx++) {
+                        const float *v = in + ((2 * oy + ky) * pi + 2 * ox + kx) * CI;
+                        const vec *wt = w + (ky * 3 + kx) * CI * (CO / 16) + c;
+                        for (int i = 0; i < CI; i++)
+                            for (int j = 0; j < g; j++) fma_(&acc[j], v[j * si + i], wt[i * (CO / 16)]);
+                    }
+                for (int j = 0; j < g; j++) store(z + j * so + (oy * ho + ox) * CO + c * 16, acc[j]);
+            }
+}
+
+/* Backward of conv3x3_fwd: gz (g, ho*ho, CO) the gradient at its output; adds the weights'
+ * gradient to d ([tap][CI][CO/16]) and the input's to gin (grids like the input). wt: [tap][CO][CI/16]. */
+INLINE void conv3x3_bwd(int g, int CI, int CO, const float *in, int pi, const vec *wt, const float *gz, int ho,
+                        vec *d, float *gin) {
+    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
+    for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < ho; ox++) {
+            const float *go = gz + (oy * ho + ox) * CO;
+            for (int ky = 0; ky < 3; ky++)
+                for (int kx = 0; kx < 3; kx++) {
+                    int t = ky * 3 + kx;
+                    long cell = ((2 * oy + ky) * pi + 2 * ox + kx) * CI;
+                    for (int c = 0; c < CO / 16; c++) {
+                        vec gv[G];
+                        for (int j = 0; j < g; j++) gv[j] = load(go + j * so + c * 16);
+                        vec *dt = d + t * CI * (CO / 16) + c;
+                        for (int i = 0; i < CI; i++) {
+                            vec s = dt[i * (CO / 16)];
+                            for (int j = 0; j < g; j++) fma_(&s, in[j * si + cell + i], gv[j]);
+                            dt[i * (CO / 16)] = s;
+                        }
+                    }
+                    for (int ic = 0; ic < CI / 16; ic++) {
+                        vec acc[G];
+                        for (int j = 0; j < g; j++) acc[j] = load(gin + j * si + cell + ic * 16);
+                        const vec *w = wt + t * CO * (CI / 16) + ic;
+                        for (int o = 0; o < CO; o++)
+                            for (int j = 0; j < g; j++) fma_(&acc[j], go[j * so + o], w[o * (CI / 16)]);
+                        for (int j = 0; j < g; j++) store(gin + j * si + cell + ic * 16, acc[j]);
+                    }
+                }
+        }
+}
+
+/* Per-slice sums over positions of z (rows of C channels) and of (z - mean)^2. */
+static void channel_sums(const float *z, long rows, int C, const float *mean, float *out) {
+    for (int c = 0; c < C / 16; c++) {
+        vec s = zero(), m = mean ? load(mean + c * 16) : zero();
+        for (long r = 0; r < rows; r++) {
+            vec v = load(z + r * C + c * 16);
+            if (mean) {
+                for (int q = 0; q < NV; q++) v.q[q] -= m.q[q];
+                for (int q = 0; q < NV; q++) s.q[q] += v.q[q] * v.q[q];
+            } else
+                add_(&s, v);
+        }
+        store(out + c * 16, s);
+    }
+}
+
+/* Sum the FPARTS slices' partial sums (rows of C) in order, times scale. */
+static void reduce_slices(const float *parts, int C, float scale, float *out) {
+    for (int c = 0; c < C; c++) {
+        float s = 0;
+        for (int k = 0; k < FPARTS; k++) s += parts[k * 64 + c];
+        out[c] = s * scale;
+    }
+}
+
+/* y = ReLU(gamma (z - mean) / sqrt(var + eps) + beta) for `rows` positions of C channels, written
+ * into the cells of grids of side `side` at offset `off` (per image `per` positions of side `ho`). */
+static void bn_relu(const float *z, long images, int ho, int C, const float *mean, const float *var,
+                    const float *gamma, const float *beta, float *out, int side, int off) {
+    float scale[64], shift[64];
+    for (int c = 0; c < C; c++) {
+        scale[c] = gamma[c] / sqrtf(var[c] + EPS);
+        shift[c] = beta[c] - mean[c] * scale[c];
+    }
+    for (long j = 0; j < images; j++)
+        for (int p = 0; p < ho * ho; p++) {
+            const float *src = z + (j * ho * ho + p) * C;
+            float *dst = out + (j * side * side + (p / ho + off) * side + p % ho + off) * C;
+            for (int c = 0; c < C / 16; c++) {
+                vec v = load(src + c * 16), a = load(scale + c * 16), b = load(shift + c * 16);
+                for (int q = 0; q < NV; q++) v.q[q] = v.q[q] * a.q[q] + b.q[q];
+                store(dst + c * 16, where_positive(v, v));
+            }
+        }
+}
+
+typedef struct {
+    vec w1[25];           /* [tap] over 16 outputs */
+    vec w2[9 * 16 * 2];   /* [tap][16 in][2 output vectors] */
+    vec w2t[9 * 32 * 1];  /* [tap][32 out][1 input vector] */
+    vec w3[9 * 32 * 4];   /* [tap][32 in][4 output vectors] */
+    vec w3t[9 * 64 * 2];  /* [tap][64 out][2 input vectors] */
+} FWeights;
+
+static void fload(FWeights *W, const float *w1, const float *w2, const float *w3) {
+    for (int o = 0; o < 16; o++)
+        for (int t = 0; t < 25; t++) set_lane(&W->w1[t], o, w1[o * 25 + t]);
+    for (int o = 0; o < 32; o++)
+        for (int i = 0; i < 16; i++)
+            for (int t = 0; t < 9; t++) {
+                float v = w2[(o * 16 + i) * 9 + t];
+                set_lane(&W->w2[(t * 16 + i) * 2 + o / 16], o % 16, v);
+                set_lane(&W->w2t[(t * 32 + o) * 1 + i / 16], i % 16, v);
+            }
+    for (int o = 0; o < 64; o++)
+        for (int i = 0; i < 32; i++)
+            for (int t = 0; t < 9; t++) {
+                float v = w3[(o * 32 + i) * 9 + t];
+                set_lane(&W->w3[(t * 32 + i) * 4 + o / 16], o % 16, v);
+                set_lane(&W->w3t[(t * 64 + o) * 2 + i / 16], i % 16, v);
+            }
+}
+
+/* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, 16),
+ * h1 (n, 15*15, 16), z2 (n, 49, 32), h2 (n, 9*9, 32), z3 (n, 16, 64), h3 (n, 16, 64); stats
+ * (6, 64): mean and biased variance of each BatchNorm; feats (n, 1024). */
+void fastcnn_forward(int n, const float *x, const float *w1, const float *g1, const float *b1, const float *w2,
+                     const float *g2, const float *b2, const float *w3, const float *g3, const float *b3, float *xp,
+                     float *z1, float *h1, float *z2, float *h2, float *z3, float *h3, float *stats, float *feats) {
+    FWeights *W = aligned_alloc(64, sizeof *W); /* 186 KB: not on a thread's stack */
+    if (!W) return;
+    fload(W, w1, w2, w3);
+    float part[FPARTS * 64];
+    float *mean1 = stats, *var1 = stats + 64, *mean2 = stats + 128, *var2 = stats + 192, *mean3 = stats + 256,
+          *var3 = stats + 320;
+    /* conv1 */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        for (int b = fslice(n, k); b < fslice(n, k + 1); b++) pad_standardised(x + (long)b * 784, xp + (long)b * XF * XF);
+#define C1(g, b) conv1_fwd(g, xp + (long)(b) * XF * XF, W->w1, z1 + (long)(b) * 196 * 16)
+        GROUPS(fslice(n, k), fslice(n, k + 1), C1);
+#undef C1
+        channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, 0,
+                     part + k * 64);
+    }
+    reduce_slices(part, 16, 1.0f / (n * 196.0f), mean1);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++)
+        channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, mean1,
+                     part + k * 64);
+    reduce_slices(part, 16, 1.0f / (n * 196.0f), var1);
+    /* BN1 + ReLU into zero-bordered grids, conv2 */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        memset(h1 + a * Q1 * Q1 * 16, 0, (e - a) * Q1 * Q1 * 16 * sizeof(float));
+        bn_relu(z1 + a * 196 * 16, e - a, 14, 16, mean1, var1, g1, b1, h1 + a * Q1 * Q1 * 16, Q1, 1);
+#define C2(g, b) conv3x3_fwd(g, 16, 32, h1 + (long)(b) * Q1 * Q1 * 16, Q1, W->w2, z2 + (long)(b) * 49 * 32, 7)
+        GROUPS(a, e, C2);
+#undef C2
+        channel_sums(z2 + a * 49 * 32, (e - a) * 49, 32, 0, part + k * 64);
+    }
+    reduce_slices(part, 32, 1.0f / (n * 49.0f), mean2);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++)
+        channel_sums(z2 + (long)fslice(n, k) * 49 * 32, (long)(fslice(n, k + 1) - fslice(n, k)) * 49, 32, mean2,
+                     part + k * 64);
+    reduce_slices(part, 32, 1.0f / (n * 49.0f), var2);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        memset(h2 + a * Q2 * Q2 * 32, 0, (e - a) * Q2 * Q2 * 32 * sizeof(float));
+        bn_relu(z2 + a * 49 * 32, e - a, 7, 32, mean2, var2, g2, b2, h2 + a * Q2 * Q2 * 32, Q2, 1);
+#define C3(g, b) conv3x3_fwd(g, 32, 64, h2 + (long)(b) * Q2 * Q2 * 32, Q2, W->w3, z3 + (long)(b) * 16 * 64, 4)
+        GROUPS(a, e, C3);
+#undef C3
+        channel_sums(z3 + a * 16 * 64, (e - a) * 16, 64, 0, part + k * 64);
+    }
+    reduce_slices(part, 64, 1.0f / (n * 16.0f), mean3);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++)
+        channel_sums(z3 + (long)fslice(n, k) * 16 * 64, (long)(fslice(n, k + 1) - fslice(n, k)) * 16, 64, mean3,
+                     part + k * 64);
+    reduce_slices(part, 64, 1.0f / (n * 16.0f), var3);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        bn_relu(z3 + a * 16 * 64, e - a, 4, 64, mean3, var3, g3, b3, h3 + a * 16 * 64, 4, 0);
+        for (long j = a; j < e; j++)
+            for (int p = 0; p < 16; p++)
+                for (int c = 0; c < 64; c++) feats[j * 1024 + c * 16 + p] = h3[(j * 16 + p) * 64 + c];
+    }
+    free(W);
+}
+
+/* BatchNorm + ReLU backward for one slice: gy (rows, C) holds the gradient at the ReLU's output
+ * (masked here by h > 0 in place, h read at the grid cells as bn_relu wrote them); adds
+ * sum(gy) and sum(gy * xhat) to sums (2, 64). inv: 1 / sqrt(var + eps) per channel. */
+static void bn_back_sums(float *gy, const float *h, const float *z, long images, int ho, int C, int side, int off,
+                         const float *mean, const float *inv, float *sums) {
+    float s0[64] = {0}, s1[64] = {0};
+    for (long j = 0; j < images; j++)
+        for (int p = 0; p < ho * ho; p++) {
+            long r = j * ho * ho + p;
+            const float *hc = h + (j * side * side + (p / ho + off) * side + p % ho + off) * C;
+            float *g = gy + r * C;
+            const float *zr = z + r * C;
+            for (int c = 0; c < C; c++) {
+                float gv = hc[c] > 0.0f ? g[c] : 0.0f;
+                g[c] = gv;
+                s0[c] += gv;
+                s1[c] += gv * (zr[c] - mean[c]) * inv[c];
+            }
+        }
+    for (int c = 0; c < C; c++) {
+        sums[c] = s0[c];
+        sums[64 + c] = s1[c];
+    }
+}
+
+/* dz = gamma / sqrt(var + eps) * (gy - mean(gy) - xhat * mean(gy * xhat)), in place over gy. */
+static void bn_back_apply(float *gy, const float *z, long rows, int C, const float *mean, const float *inv,
+                          const float *gamma, const float *tot, float count) {
+    float a[64], m[64], k[64];
+    for (int c = 0; c < C; c++) {
+        a[c] = gamma[c] * inv[c];
+        m[c] = tot[c] / count;
+        k[c] = tot[64 + c] / count * inv[c];
+    }
+    for (long r = 0; r < rows; r++) {
+        float *g = gy + r * C;
+        const float *zr = z + r * C;
+        for (int c = 0; c < C; c++) g[c] = a[c] * (g[c] - m[c] - (zr[c] - mean[c]) * k[c]);
+    }
+}
+
+static void inverse_std(const float *var, int C, float *inv) {
+    for (int c = 0; c < C; c++) inv[c] = 1.0f / sqrtf(var[c] + EPS);
+}
+
+static void reduce_sums(const float *parts, int C, float *tot) {
+    for (int c = 0; c < C; c++) {
+        float a = 0, b = 0;
+        for (int k = 0; k < FPARTS; k++) {
+            a += parts[k * 128 + c];
+            b += parts[k * 128 + 64 + c];
+        }
+        tot[c] = a;
+        tot[64 + c] = b;
+    }
+}
+
+/* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
+ * biases. Scratch: gy3 (n, 16, 64), gh2 (n, 81, 32), gy2 (n, 49, 32), gh1 (n, 225, 16), gy1
+ * (n, 196, 16). Outputs are overwritten: gw1 (16,1,5,5), gg1, gb1 (16), gw2 (32,16,3,3), gg2, gb2
+ * (32), gw3 (64,32,3,3), gg3, gb3 (64). */
+void fastcnn_backward(int n, const float *w1, const float *g1, const float *w2, const float *g2, const float *w3,
+                      const float *g3, const float *xp, const float *z1, const float *h1, const float *z2,
+                      const float *h2, const float *z3, const float *h3, const float *stats, const float *gfeat,
+                      float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1, float *gg1, float *gb1,
+                      float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
+    FWeights *W = aligned_alloc(64, sizeof *W);
+    vec(*d1)[25] = aligned_alloc(64, FPARTS * sizeof *d1);
+    vec(*d2)[9 * 16 * 2] = aligned_alloc(64, FPARTS * sizeof *d2);
+    vec(*d3)[9 * 32 * 4] = aligned_alloc(64, FPARTS * sizeof *d3);
+    if (!W || !d1 || !d2 || !d3) {
+        free(W), free(d1), free(d2), free(d3);
+        return;
+    }
+    fload(W, w1, w2, w3);
+    const float *mean1 = stats, *var1 = stats + 64, *mean2 = stats + 128, *var2 = stats + 192, *mean3 = stats + 256,
+                *var3 = stats + 320;
+    float part[FPARTS * 128], tot3[128], tot2[128], tot1[128], inv1[64], inv2[64], inv3[64];
+    inverse_std(var1, 16, inv1);
+    inverse_std(var2, 32, inv2);
+    inverse_std(var3, 64, inv3);
+    /* BN3 */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        for (long j = a; j < e; j++)
+            for (int p = 0; p < 16; p++)
+                for (int c = 0; c < 64; c++) gy3[(j * 16 + p) * 64 + c] = gfeat[j * 1024 + c * 16 + p];
+        bn_back_sums(gy3 + a * 16 * 64, h3 + a * 16 * 64, z3 + a * 16 * 64, e - a, 4, 64, 4, 0, mean3, inv3,
+                     part + k * 128);
+    }
+    reduce_sums(part, 64, tot3);
+    /* conv3 backward, BN2 sums */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        bn_back_apply(gy3 + a * 16 * 64, z3 + a * 16 * 64, (e - a) * 16, 64, mean3, inv3, g3, tot3, n * 16.0f);
+        memset(gh2 + a * Q2 * Q2 * 32, 0, (e - a) * Q2 * Q2 * 32 * sizeof(float));
+        memset(d3[k], 0, sizeof d3[k]);
+#define B3(g, b)                                                                                                   \
+    conv3x3_bwd(g, 32, 64, h2 + (long)(b) * Q2 * Q2 * 32, Q2, W->w3t, gy3 + (long)(b) * 16 * 64, 4, d3[k], \
+                gh2 + (long)(b) * Q2 * Q2 * 32)
+        GROUPS(a, e, B3);
+#undef B3
+        for (long j = a; j < e; j++)
+            for (int p = 0; p < 49; p++)
+                memcpy(gy2 + (j * 49 + p) * 32, gh2 + (j * Q2 * Q2 + (p / 7 + 1) * Q2 + p % 7 + 1) * 32, 32 * sizeof(float));
+        bn_back_sums(gy2 + a * 49 * 32, h2 + a * Q2 * Q2 * 32, z2 + a * 49 * 32, e - a, 7, 32, Q2, 1, mean2, inv2,
+                     part + k * 128);
+    }
+    reduce_sums(part, 32, tot2);
+    /* conv2 backward, BN1 sums */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        bn_back_apply(gy2 + a * 49 * 32, z2 + a * 49 * 32, (e - a) * 49, 32, mean2, inv2, g2, tot2, n * 49.0f);
+        memset(gh1 + a * Q1 * Q1 * 16, 0, (e - a) * Q1 * Q1 * 16 * sizeof(float));
+        memset(d2[k], 0, sizeof d2[k]);
+#define B2(g, b)                                                                                                   \
+    conv3x3_bwd(g, 16, 32, h1 + (long)(b) * Q1 * Q1 * 16, Q1, W->w2t, gy2 + (long)(b) * 49 * 32, 7, d2[k], \
+                gh1 + (long)(b) * Q1 * Q1 * 16)
+        GROUPS(a, e, B2);
+#undef B2
+        for (long j = a; j < e; j++)
+            for (int p = 0; p < 196; p++)
+                memcpy(gy1 + (j * 196 + p) * 16, gh1 + (j * Q1 * Q1 + (p / 14 + 1) * Q1 + p % 14 + 1) * 16, 16 * sizeof(float));
+        bn_back_sums(gy1 + a * 196 * 16, h1 + a * Q1 * Q1 * 16, z1 + a * 196 * 16, e - a, 14, 16, Q1, 1, mean1, inv1,
+                     part + k * 128);
+    }
+    reduce_sums(part, 16, tot1);
+    /* conv1 backward (weights only) */
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++) {
+        long a = fslice(n, k), e = fslice(n, k + 1);
+        memset(d1[k], 0, sizeof d1[k]);
+        for (long j = a; j < e; j++) { /* image by image (its gradient stays in L1), tap by tap */
+            bn_back_apply(gy1 + j * 196 * 16, z1 + j * 196 * 16, 196, 16, mean1, inv1, g1, tot1, n * 196.0f);
+            for (int t = 0; t < 25; t++) {
+                const float *xj = xp + j * XF * XF + (t / 5) * XF + t % 5, *gj = gy1 + j * 196 * 16;
+                vec s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();
+                for (int oy = 0; oy < 14; oy += 2)
+                    for (int ox = 0; ox < 14; ox += 2) {
+                        const float *x0 = xj + 2 * oy * XF + 2 * ox, *x1 = x0 + 2 * XF, *g0 = gj + (oy * 14 + ox) * 16;
+                        fma_(&s0, x0[0], load(g0));
+                        fma_(&s1, x0[2], load(g0 + 16));
+                        fma_(&s2, x1[0], load(g0 + 14 * 16));
+                        fma_(&s3, x1[2], load(g0 + 15 * 16));
+                    }
+                add_(&s0, s1);
+                add_(&s2, s3);
+                add_(&s0, s2);
+                add_(&d1[k][t], s0);
+            }
+        }
+    }
+    /* sums over the slices, in order, into PyTorch's layouts */
+    for (int k = 1; k < FPARTS; k++) {
+        for (int t = 0; t < 25; t++) add_(&d1[0][t], d1[k][t]);
+        for (int t = 0; t < 9 * 16 * 2; t++) add_(&d2[0][t], d2[k][t]);
+        for (int t = 0; t < 9 * 32 * 4; t++) add_(&d3[0][t], d3[k][t]);
+    }
+    for (int o = 0; o < 16; o++)
+        for (int t = 0; t < 25; t++) gw1[o * 25 + t] = lane(d1[0][t], o);
+    for (int o = 0; o < 32; o++)
+        for (int i = 0; i < 16; i++)
+            for (int t = 0; t < 9; t++) gw2[(o * 16 + i) * 9 + t] = lane(d2[0][(t * 16 + i) * 2 + o / 16], o % 16);
+    for (int o = 0; o < 64; o++)
+        for (int i = 0; i < 32; i++)
+            for (int t = 0; t < 9; t++) gw3[(o * 32 + i) * 9 + t] = lane(d3[0][(t * 32 + i) * 4 + o / 16], o % 16);
+    for (int c = 0; c < 16; c++) {
+        gb1[c] = tot1[c];
+        gg1[c] = tot1[64 + c];
+    }
+    for (int c = 0; c < 32; c++) {
+        gb2[c] = tot2[c];
+        gg2[c] = tot2[64 + c];
+    }
+    for (int c = 0; c < 64; c++) {
+        gb3[c] = tot3[c];
+        gg3[c] = tot3[64 + c];
+    }
+    free(W), free(d1), free(d2), free(d3);
+}
