@@ -168,13 +168,28 @@ def test_fastcnn_training_step_matches_pytorch(n):
     assert int(twin.features[1].num_batches_tracked) == 2
 
 
-def test_fastcnn_kernels_only_in_training_mode_with_the_registered_shape():
+def test_fastcnn_kernels_only_for_the_registered_shape():
     x = torch.rand(4, 784)
     model = mnistlab.create_model("fastcnn")
     assert native.forward_for(model.train(), x) is not model
-    assert native.forward_for(model.eval(), x) is model  # running statistics: PyTorch's layers
+    assert native.forward_for(model.eval(), x) is not model
     other = mnistlab.models.FastCNN(widths=(8, 16, 32))
     assert native.forward_for(other.train(), x) is other
+    assert native.forward_for(mnistlab.create_model("bncnn"), x) is not None  # and others keep PyTorch's layers
+    assert native.forward_for(mnistlab.create_model("bncnn"), x).__class__.__name__ == "BNCNN"
+
+
+def test_fastcnn_evaluation_mode_matches_pytorch():
+    """BatchNorm with running statistics (after a few training steps moved them), in evaluation mode."""
+    model, twin = _fastcnn_pair(5)
+    for _ in range(3):
+        model(torch.rand(64, 784))  # training-mode passes update the running statistics
+    model.eval()
+    assert model.features[1].running_var.sub(1).abs().max() > 0.01
+    x = torch.rand(50, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(native.fastcnn_eval(model, x), model(x), rtol=1e-4, atol=1e-5)
+        assert native.forward_for(model, x)(x).shape == (50, 10)
 
 
 def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch):

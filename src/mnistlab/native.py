@@ -87,7 +87,7 @@ def _build() -> ctypes.CDLL:
     f = ctypes.c_void_p
     lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
     lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
-    lib.fastcnn_forward.argtypes = [ctypes.c_int] + [f] * 19
+    lib.fastcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 19
     lib.fastcnn_backward.argtypes = [ctypes.c_int] + [f] * 29
     for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_forward, lib.fastcnn_backward):
         fn.restype = None
@@ -188,7 +188,7 @@ class FastCNNFeatures(torch.autograd.Function):
         saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
         stats = torch.zeros(6, 64)
         feats = torch.empty(n, 1024)
-        lib.fastcnn_forward(n, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats),
+        lib.fastcnn_forward(n, 0, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats),
                             _ptr(feats))
         ctx.save_for_backward(*params, *saved, stats)
         ctx.mark_non_differentiable(stats)
@@ -210,7 +210,7 @@ class FastCNNFeatures(torch.autograd.Function):
 def _fast_supported(model: torch.nn.Module) -> bool:
     from .models import FastCNN
 
-    if type(model) is not FastCNN or not model.training:
+    if type(model) is not FastCNN:
         return False
     convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
     bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
@@ -245,11 +245,36 @@ def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.head(feats)
 
 
+@torch.no_grad()
+def fastcnn_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` for :class:`~mnistlab.models.FastCNN` in evaluation mode (BatchNorm with its
+    running statistics), by the compiled kernels."""
+    if len(x) == 0:
+        return model(x)
+    lib = library()
+    n = x.shape[0]
+    x = x.reshape(n, 784).contiguous()
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    params = []
+    stats = torch.zeros(6, 64)
+    for k, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
+        params += [conv.weight.contiguous(), bn.weight.contiguous(), bn.bias.contiguous()]
+        stats[2 * k, : bn.num_features] = bn.running_mean
+        stats[2 * k + 1, : bn.num_features] = bn.running_var
+    saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
+    feats = torch.empty(n, 1024)
+    lib.fastcnn_forward(n, 1, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats), _ptr(feats))
+    return model.head(feats)
+
+
 def forward_for(model: torch.nn.Module, x: torch.Tensor):
     """``model``'s forward pass for batches like ``x``: :func:`seedcnn` or :func:`fastcnn` where
     they apply, else ``model`` itself. Decided once, in the model's current mode (train/eval)."""
     if supports(model, x[:1].float()):
         return lambda xb: seedcnn(model, xb)
     if _fast_supported(model) and _cpu_float(model, x[:1].float()) and available():
-        return lambda xb: fastcnn(model, xb)
+        if model.training:
+            return lambda xb: fastcnn(model, xb)
+        return lambda xb: fastcnn_eval(model, xb)
     return model

@@ -172,8 +172,9 @@ static void fload(FWeights *W, const float *w1, const float *w2, const float *w3
 
 /* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, 16),
  * h1 (n, 15*15, 16), z2 (n, 49, 32), h2 (n, 9*9, 32), z3 (n, 16, 64), h3 (n, 16, 64); stats
- * (6, 64): mean and biased variance of each BatchNorm; feats (n, 1024). */
-void fastcnn_forward(int n, const float *x, const float *w1, const float *g1, const float *b1, const float *w2,
+ * (6, 64): mean and biased variance of each BatchNorm; feats (n, 1024). With `given` (evaluation
+ * mode), stats holds the running means and variances on entry and normalises instead. */
+void fastcnn_forward(int n, int given, const float *x, const float *w1, const float *g1, const float *b1, const float *w2,
                      const float *g2, const float *b2, const float *w3, const float *g3, const float *b3, float *xp,
                      float *z1, float *h1, float *z2, float *h2, float *z3, float *h3, float *stats, float *feats) {
     FWeights *W = aligned_alloc(64, sizeof *W); /* 186 KB: not on a thread's stack */
@@ -189,15 +190,18 @@ void fastcnn_forward(int n, const float *x, const float *w1, const float *g1, co
 #define C1(g, b) conv1_fwd(g, xp + (long)(b) * XF * XF, W->w1, z1 + (long)(b) * 196 * 16)
         GROUPS(fslice(n, k), fslice(n, k + 1), C1);
 #undef C1
-        channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, 0,
-                     part + k * 64);
+        if (!given)
+            channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, 0,
+                         part + k * 64);
     }
-    reduce_slices(part, 16, 1.0f / (n * 196.0f), mean1);
+    if (!given) {
+        reduce_slices(part, 16, 1.0f / (n * 196.0f), mean1);
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++)
-        channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, mean1,
-                     part + k * 64);
-    reduce_slices(part, 16, 1.0f / (n * 196.0f), var1);
+        for (int k = 0; k < FPARTS; k++)
+            channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, mean1,
+                         part + k * 64);
+        reduce_slices(part, 16, 1.0f / (n * 196.0f), var1);
+    }
     /* BN1 + ReLU into zero-bordered grids, conv2 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
@@ -207,14 +211,16 @@ void fastcnn_forward(int n, const float *x, const float *w1, const float *g1, co
 #define C2(g, b) conv3x3_fwd(g, 16, 32, h1 + (long)(b) * Q1 * Q1 * 16, Q1, W->w2, z2 + (long)(b) * 49 * 32, 7)
         GROUPS(a, e, C2);
 #undef C2
-        channel_sums(z2 + a * 49 * 32, (e - a) * 49, 32, 0, part + k * 64);
+        if (!given) channel_sums(z2 + a * 49 * 32, (e - a) * 49, 32, 0, part + k * 64);
     }
-    reduce_slices(part, 32, 1.0f / (n * 49.0f), mean2);
+    if (!given) {
+        reduce_slices(part, 32, 1.0f / (n * 49.0f), mean2);
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++)
-        channel_sums(z2 + (long)fslice(n, k) * 49 * 32, (long)(fslice(n, k + 1) - fslice(n, k)) * 49, 32, mean2,
-                     part + k * 64);
-    reduce_slices(part, 32, 1.0f / (n * 49.0f), var2);
+        for (int k = 0; k < FPARTS; k++)
+            channel_sums(z2 + (long)fslice(n, k) * 49 * 32, (long)(fslice(n, k + 1) - fslice(n, k)) * 49, 32, mean2,
+                         part + k * 64);
+        reduce_slices(part, 32, 1.0f / (n * 49.0f), var2);
+    }
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
@@ -223,14 +229,16 @@ void fastcnn_forward(int n, const float *x, const float *w1, const float *g1, co
 #define C3(g, b) conv3x3_fwd(g, 32, 64, h2 + (long)(b) * Q2 * Q2 * 32, Q2, W->w3, z3 + (long)(b) * 16 * 64, 4)
         GROUPS(a, e, C3);
 #undef C3
-        channel_sums(z3 + a * 16 * 64, (e - a) * 16, 64, 0, part + k * 64);
+        if (!given) channel_sums(z3 + a * 16 * 64, (e - a) * 16, 64, 0, part + k * 64);
     }
-    reduce_slices(part, 64, 1.0f / (n * 16.0f), mean3);
+    if (!given) {
+        reduce_slices(part, 64, 1.0f / (n * 16.0f), mean3);
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++)
-        channel_sums(z3 + (long)fslice(n, k) * 16 * 64, (long)(fslice(n, k + 1) - fslice(n, k)) * 16, 64, mean3,
-                     part + k * 64);
-    reduce_slices(part, 64, 1.0f / (n * 16.0f), var3);
+        for (int k = 0; k < FPARTS; k++)
+            channel_sums(z3 + (long)fslice(n, k) * 16 * 64, (long)(fslice(n, k + 1) - fslice(n, k)) * 16, 64, mean3,
+                         part + k * 64);
+        reduce_slices(part, 64, 1.0f / (n * 16.0f), var3);
+    }
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
