@@ -1,14 +1,13 @@
 """What each hardware choice is worth: training-step throughput under one change at a time.
 
 For the seed's CNN (batch 64) and the fast preset's model (batch 256), interleaved,
---repeats times each: our settings (2 threads, channels-last, fp32, eager, glibc malloc
-keeping freed memory; for the seed's CNN, the compiled kernels of mnistlab.native) against
-PyTorch's convolutions in their place (seed's CNN), 1 thread, the default NCHW layout, bf16
-autocast, torch.compile (these three with PyTorch's convolutions), other batch sizes (all in
-this process), and glibc's default malloc settings (in a child process, since they cannot be
-restored once changed). Each
-measurement is --steps training steps on real MNIST batches after a warm-up;
-the medians are reported as images/s and as a ratio to our settings.
+--repeats times each: our settings (the compiled kernels of mnistlab.native, 2 threads,
+fp32, glibc malloc keeping freed memory) against PyTorch's layers in their place (channels-
+last, eager), and with them the default NCHW layout, bf16 autocast and torch.compile; 1
+thread, other batch sizes (all in this process), and glibc's default malloc settings (in a
+child process, since they cannot be restored once changed). Each measurement is --steps
+training steps on real MNIST batches after a warm-up; the medians are reported as images/s
+and as a ratio to our settings.
 
 Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compile]
 """
@@ -87,23 +86,22 @@ def main() -> None:
         return
     keep_freed_memory()
     all_variants = [
-        ("ours: 2 threads, channels-last, fp32, eager, malloc keeps freed memory", {}),
-        ("PyTorch's convolutions (oneDNN) instead of mnistlab.native's kernels", {"kernels": False}),
+        ("ours: compiled kernels, 2 threads, fp32, malloc keeps freed memory", {}),
+        ("PyTorch's layers (oneDNN convolutions) instead of mnistlab.native's kernels", {"kernels": False}),
         ("1 thread", {"threads": 1}),
-        ("NCHW (default layout)", {"channels_last": False, "kernels": False}),
-        ("bf16 autocast", {"bf16": True, "kernels": False}),
+        ("PyTorch's layers, NCHW (default layout)", {"channels_last": False, "kernels": False}),
+        ("PyTorch's layers, bf16 autocast", {"bf16": True, "kernels": False}),
         ("batch / 2", {"batch_scale": 0.5}),
         ("batch x 2", {"batch_scale": 2}),
         ("glibc malloc defaults", {"malloc_defaults": True}),
     ]
     if not args.no_compile:
-        all_variants.append(("torch.compile", {"compiled": True}))
+        all_variants.append(("PyTorch's layers, torch.compile", {"compiled": True}))
     print(f"machine: {machine()}; {args.steps} steps, median of {args.repeats}")
     print("| model (batch) | variant | images/s | vs ours | warm-up s |")
     print("|---|---|---|---|---|")
     for name, batch in (("cnn", 64), ("fastcnn", 256)):
-        # the kernels exist for the seed's CNN alone
-        variants = [(label, kw) for label, kw in all_variants if name == "cnn" or not label.startswith("PyTorch's")]
+        variants = all_variants
         rates = {label: [] for label, _ in variants}
         warms = {label: [] for label, _ in variants}
         for _ in range(args.repeats):
