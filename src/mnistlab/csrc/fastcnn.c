@@ -122,6 +122,18 @@ static void reduce_slices(const float *parts, int C, float scale, float *out) {
     }
 }
 
+/* The batch's mean and biased variance per channel of z (n images of `per` positions of C
+ * channels), given part: each slice's sums of z (channel_sums without a mean); two passes,
+ * slices added in order. */
+static void batch_stats(int n, const float *z, int per, int C, float *part, float *mean, float *var) {
+    reduce_slices(part, C, 1.0f / ((float)n * per), mean);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < FPARTS; k++)
+        channel_sums(z + (long)fslice(n, k) * per * C, (long)(fslice(n, k + 1) - fslice(n, k)) * per, C, mean,
+                     part + k * 64);
+    reduce_slices(part, C, 1.0f / ((float)n * per), var);
+}
+
 /* y = ReLU(gamma (z - mean) / sqrt(var + eps) + beta) for `rows` positions of C channels, written
  * into the cells of grids of side `side` at offset `off` (per image `per` positions of side `ho`). */
 static void bn_relu(const float *z, long images, int ho, int C, const float *mean, const float *var,
@@ -170,6 +182,21 @@ static void fload(FWeights *W, const float *w1, const float *w2, const float *w3
             }
 }
 
+/* One slice (k) of a conv layer's forward pass after a BatchNorm: the input's BatchNorm and
+ * ReLU (z_in, rows of CI, side hi) into zero-bordered grids h, the conv (CI -> CO, output side
+ * ho) into z_out, and (unless `given`) the slice's sums of z_out for the next statistics. */
+INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, const float *z_in, const float *mean,
+                      const float *var, const float *gamma, const float *beta, float *h, const vec *w, float *z_out,
+                      float *sums) {
+    const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
+    memset(h + a * si, 0, (e - a) * si * sizeof(float));
+    bn_relu(z_in + a * hi * hi * CI, e - a, hi, CI, mean, var, gamma, beta, h + a * si, pi, 1);
+#define FWD(g, b) conv3x3_fwd(g, CI, CO, h + (long)(b) * si, pi, w, z_out + (long)(b) * ho * ho * CO, ho)
+    GROUPS(a, e, FWD);
+#undef FWD
+    if (!given) channel_sums(z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, 0, sums);
+}
+
 /* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, 16),
  * h1 (n, 15*15, 16), z2 (n, 49, 32), h2 (n, 9*9, 32), z3 (n, 16, 64), h3 (n, 16, 64); stats
  * (6, 64): mean and biased variance of each BatchNorm; feats (n, 1024). With `given` (evaluation
@@ -194,51 +221,16 @@ void fastcnn_forward(int n, int given, const float *x, const float *w1, const fl
             channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, 0,
                          part + k * 64);
     }
-    if (!given) {
-        reduce_slices(part, 16, 1.0f / (n * 196.0f), mean1);
+    if (!given) batch_stats(n, z1, 196, 16, part, mean1, var1);
+    /* BN1 + ReLU into zero-bordered grids, conv2; the same for BN2 and conv3 */
 #pragma omp parallel for schedule(static)
-        for (int k = 0; k < FPARTS; k++)
-            channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, mean1,
-                         part + k * 64);
-        reduce_slices(part, 16, 1.0f / (n * 196.0f), var1);
-    }
-    /* BN1 + ReLU into zero-bordered grids, conv2 */
+    for (int k = 0; k < FPARTS; k++)
+        fwd_layer(n, k, given, 16, 32, 14, 7, z1, mean1, var1, g1, b1, h1, W->w2, z2, part + k * 64);
+    if (!given) batch_stats(n, z2, 49, 32, part, mean2, var2);
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++) {
-        long a = fslice(n, k), e = fslice(n, k + 1);
-        memset(h1 + a * Q1 * Q1 * 16, 0, (e - a) * Q1 * Q1 * 16 * sizeof(float));
-        bn_relu(z1 + a * 196 * 16, e - a, 14, 16, mean1, var1, g1, b1, h1 + a * Q1 * Q1 * 16, Q1, 1);
-#define C2(g, b) conv3x3_fwd(g, 16, 32, h1 + (long)(b) * Q1 * Q1 * 16, Q1, W->w2, z2 + (long)(b) * 49 * 32, 7)
-        GROUPS(a, e, C2);
-#undef C2
-        if (!given) channel_sums(z2 + a * 49 * 32, (e - a) * 49, 32, 0, part + k * 64);
-    }
-    if (!given) {
-        reduce_slices(part, 32, 1.0f / (n * 49.0f), mean2);
-#pragma omp parallel for schedule(static)
-        for (int k = 0; k < FPARTS; k++)
-            channel_sums(z2 + (long)fslice(n, k) * 49 * 32, (long)(fslice(n, k + 1) - fslice(n, k)) * 49, 32, mean2,
-                         part + k * 64);
-        reduce_slices(part, 32, 1.0f / (n * 49.0f), var2);
-    }
-#pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++) {
-        long a = fslice(n, k), e = fslice(n, k + 1);
-        memset(h2 + a * Q2 * Q2 * 32, 0, (e - a) * Q2 * Q2 * 32 * sizeof(float));
-        bn_relu(z2 + a * 49 * 32, e - a, 7, 32, mean2, var2, g2, b2, h2 + a * Q2 * Q2 * 32, Q2, 1);
-#define C3(g, b) conv3x3_fwd(g, 32, 64, h2 + (long)(b) * Q2 * Q2 * 32, Q2, W->w3, z3 + (long)(b) * 16 * 64, 4)
-        GROUPS(a, e, C3);
-#undef C3
-        if (!given) channel_sums(z3 + a * 16 * 64, (e - a) * 16, 64, 0, part + k * 64);
-    }
-    if (!given) {
-        reduce_slices(part, 64, 1.0f / (n * 16.0f), mean3);
-#pragma omp parallel for schedule(static)
-        for (int k = 0; k < FPARTS; k++)
-            channel_sums(z3 + (long)fslice(n, k) * 16 * 64, (long)(fslice(n, k + 1) - fslice(n, k)) * 16, 64, mean3,
-                         part + k * 64);
-        reduce_slices(part, 64, 1.0f / (n * 16.0f), var3);
-    }
+    for (int k = 0; k < FPARTS; k++)
+        fwd_layer(n, k, given, 32, 64, 7, 4, z2, mean2, var2, g2, b2, h2, W->w3, z3, part + k * 64);
+    if (!given) batch_stats(n, z3, 16, 64, part, mean3, var3);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
@@ -307,6 +299,30 @@ static void reduce_sums(const float *parts, int C, float *tot) {
     }
 }
 
+/* One slice (k) of a conv layer's backward pass between two BatchNorms: the output's
+ * BatchNorm backward (gy_out, rows of CO, in place), the conv's (CI -> CO, input side hi,
+ * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
+ * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums). */
+INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, float *gy_out,
+                       const float *z_out, const float *mean_o, const float *inv_o, const float *gamma_o,
+                       const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in, const float *mean_i,
+                       const float *inv_i, float *sums) {
+    const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
+    bn_back_apply(gy_out + a * ho * ho * CO, z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, mean_o, inv_o, gamma_o,
+                  tot_o, n * (float)(ho * ho));
+    memset(gh + a * si, 0, (e - a) * si * sizeof(float));
+    memset(d, 0, 9 * CI * (CO / 16) * sizeof(vec));
+#define BACK(g, b) \
+    conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * ho * ho * CO, ho, d, gh + (long)(b) * si)
+    GROUPS(a, e, BACK);
+#undef BACK
+    for (long j = a; j < e; j++)
+        for (int p = 0; p < hi * hi; p++)
+            memcpy(gy_in + (j * hi * hi + p) * CI, gh + j * si + ((p / hi + 1) * pi + p % hi + 1) * CI, CI * sizeof(float));
+    bn_back_sums(gy_in + a * hi * hi * CI, h_in + a * si, z_in + a * hi * hi * CI, e - a, hi, CI, pi, 1, mean_i, inv_i,
+                 sums);
+}
+
 /* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
  * biases. Scratch: gy3 (n, 16, 64), gh2 (n, 81, 32), gy2 (n, 49, 32), gh1 (n, 225, 16), gy1
  * (n, 196, 16). Outputs are overwritten: gw1 (16,1,5,5), gg1, gb1 (16), gw2 (32,16,3,3), gg2, gb2
@@ -342,43 +358,16 @@ void fastcnn_backward(int n, const float *w1, const float *g1, const float *w2, 
                      part + k * 128);
     }
     reduce_sums(part, 64, tot3);
-    /* conv3 backward, BN2 sums */
+    /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++) {
-        long a = fslice(n, k), e = fslice(n, k + 1);
-        bn_back_apply(gy3 + a * 16 * 64, z3 + a * 16 * 64, (e - a) * 16, 64, mean3, inv3, g3, tot3, n * 16.0f);
-        memset(gh2 + a * Q2 * Q2 * 32, 0, (e - a) * Q2 * Q2 * 32 * sizeof(float));
-        memset(d3[k], 0, sizeof d3[k]);
-#define B3(g, b)                                                                                                   \
-    conv3x3_bwd(g, 32, 64, h2 + (long)(b) * Q2 * Q2 * 32, Q2, W->w3t, gy3 + (long)(b) * 16 * 64, 4, d3[k], \
-                gh2 + (long)(b) * Q2 * Q2 * 32)
-        GROUPS(a, e, B3);
-#undef B3
-        for (long j = a; j < e; j++)
-            for (int p = 0; p < 49; p++)
-                memcpy(gy2 + (j * 49 + p) * 32, gh2 + (j * Q2 * Q2 + (p / 7 + 1) * Q2 + p % 7 + 1) * 32, 32 * sizeof(float));
-        bn_back_sums(gy2 + a * 49 * 32, h2 + a * Q2 * Q2 * 32, z2 + a * 49 * 32, e - a, 7, 32, Q2, 1, mean2, inv2,
-                     part + k * 128);
-    }
+    for (int k = 0; k < FPARTS; k++)
+        back_layer(n, k, 32, 64, 7, 4, h2, W->w3t, gy3, z3, mean3, inv3, g3, tot3, gh2, d3[k], gy2, z2, mean2, inv2,
+                   part + k * 128);
     reduce_sums(part, 32, tot2);
-    /* conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++) {
-        long a = fslice(n, k), e = fslice(n, k + 1);
-        bn_back_apply(gy2 + a * 49 * 32, z2 + a * 49 * 32, (e - a) * 49, 32, mean2, inv2, g2, tot2, n * 49.0f);
-        memset(gh1 + a * Q1 * Q1 * 16, 0, (e - a) * Q1 * Q1 * 16 * sizeof(float));
-        memset(d2[k], 0, sizeof d2[k]);
-#define B2(g, b)                                                                                                   \
-    conv3x3_bwd(g, 16, 32, h1 + (long)(b) * Q1 * Q1 * 16, Q1, W->w2t, gy2 + (long)(b) * 49 * 32, 7, d2[k], \
-                gh1 + (long)(b) * Q1 * Q1 * 16)
-        GROUPS(a, e, B2);
-#undef B2
-        for (long j = a; j < e; j++)
-            for (int p = 0; p < 196; p++)
-                memcpy(gy1 + (j * 196 + p) * 16, gh1 + (j * Q1 * Q1 + (p / 14 + 1) * Q1 + p % 14 + 1) * 16, 16 * sizeof(float));
-        bn_back_sums(gy1 + a * 196 * 16, h1 + a * Q1 * Q1 * 16, z1 + a * 196 * 16, e - a, 14, 16, Q1, 1, mean1, inv1,
-                     part + k * 128);
-    }
+    for (int k = 0; k < FPARTS; k++)
+        back_layer(n, k, 16, 32, 14, 7, h1, W->w2t, gy2, z2, mean2, inv2, g2, tot2, gh1, d2[k], gy1, z1, mean1, inv1,
+                   part + k * 128);
     reduce_sums(part, 16, tot1);
     /* conv1 backward (weights only) */
 #pragma omp parallel for schedule(static)
