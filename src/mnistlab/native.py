@@ -181,15 +181,9 @@ class FastCNNFeatures(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, w3, g3, b3):
-        lib = library()
-        n = x.shape[0]
-        x = x.reshape(n, 784).contiguous()
         params = [t.detach().contiguous() for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
-        saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
         stats = torch.zeros(6, 64)
-        feats = torch.empty(n, 1024)
-        lib.fastcnn_forward(n, 0, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats),
-                            _ptr(feats))
+        feats, saved = _fastcnn_forward(x, params, stats, given=False)
         ctx.save_for_backward(*params, *saved, stats)
         ctx.mark_non_differentiable(stats)
         return feats, stats
@@ -207,13 +201,32 @@ class FastCNNFeatures(torch.autograd.Function):
         return (None, *grads)
 
 
+def _fastcnn_forward(x, params, stats, given: bool):
+    """The C forward pass: features (n, 1024) and the activations it saves for the backward pass.
+    ``stats`` (6, 64) receives the batch statistics, or (``given``) holds the running ones."""
+    n = x.shape[0]
+    x = x.reshape(n, 784).contiguous()
+    saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
+    feats = torch.empty(n, 1024)
+    library().fastcnn_forward(n, int(given), _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved],
+                              _ptr(stats), _ptr(feats))
+    return feats, saved
+
+
+def _conv_bn_layers(model: torch.nn.Module):
+    """FastCNN's (conv, BatchNorm) pairs, in order."""
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    return list(zip(convs, bns, strict=True))
+
+
 def _fast_supported(model: torch.nn.Module) -> bool:
     from .models import FastCNN
 
     if type(model) is not FastCNN:
         return False
-    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
-    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    layers = _conv_bn_layers(model)
+    convs, bns = [c for c, _ in layers], [b for _, b in layers]
     return (
         [c.out_channels for c in convs] == [16, 32, 64]
         and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum is not None for b in bns)
@@ -227,15 +240,14 @@ def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     updates the BatchNorm layers' running statistics as PyTorch does."""
     if len(x) == 0:
         return model(x)
-    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
-    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    layers = _conv_bn_layers(model)
     args = [x]
-    for conv, bn in zip(convs, bns, strict=True):
+    for conv, bn in layers:
         args += [conv.weight, bn.weight, bn.bias]
     feats, stats = FastCNNFeatures.apply(*args)
     count = {16: 196, 32: 49, 64: 16}
     with torch.no_grad():
-        for k, bn in enumerate(bns):
+        for k, (_, bn) in enumerate(layers):
             c = bn.num_features
             m = count[c] * len(x)  # values per channel in the batch
             mean, var = stats[2 * k, :c], stats[2 * k + 1, :c]
@@ -251,21 +263,13 @@ def fastcnn_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     running statistics), by the compiled kernels."""
     if len(x) == 0:
         return model(x)
-    lib = library()
-    n = x.shape[0]
-    x = x.reshape(n, 784).contiguous()
-    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
-    bns = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
     params = []
     stats = torch.zeros(6, 64)
-    for k, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
+    for k, (conv, bn) in enumerate(_conv_bn_layers(model)):
         params += [conv.weight.contiguous(), bn.weight.contiguous(), bn.bias.contiguous()]
         stats[2 * k, : bn.num_features] = bn.running_mean
         stats[2 * k + 1, : bn.num_features] = bn.running_var
-    saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
-    feats = torch.empty(n, 1024)
-    lib.fastcnn_forward(n, 1, _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved], _ptr(stats), _ptr(feats))
-    return model.head(feats)
+    return model.head(_fastcnn_forward(x, params, stats, given=True)[0])
 
 
 def forward_for(model: torch.nn.Module, x: torch.Tensor):
