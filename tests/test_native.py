@@ -196,14 +196,23 @@ def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch):
     """The fast preset's recipe (at a gentler learning rate) for one short epoch, kernels on and off:
     equal up to rounding."""
     calls = []
-    fastcnn = native.fastcnn
-    monkeypatch.setattr(native, "fastcnn", lambda model, xb: calls.append(len(xb)) or fastcnn(model, xb))
+    fast_trainer = native.fast_trainer
+
+    def counting(model, opt, smoothing):
+        stepper = fast_trainer(model, opt, smoothing)
+        if stepper is None:  # the run with the kernels turned off
+            return None
+        step = stepper.step
+        stepper.step = lambda x, y, lr: calls.append(len(x)) or step(x, y, lr)
+        return stepper
+
+    monkeypatch.setattr(native, "fast_trainer", counting)
     x, y = mnist.images, mnist.labels
     config = mnistlab.TrainConfig.from_preset("fast", epochs=1, lr=0.05, schedule="constant", device="cpu")
     histories = []
     for use in (True, False):
         if not use:
-            monkeypatch.setattr(native, "_fast_supported", lambda model: False)
+            monkeypatch.setattr(native, "fast_supported", lambda model: False)
         torch.manual_seed(0)
         model = mnistlab.create_model("fastcnn")
         histories.append(mnistlab.fit(model, x[:1000], y[:1000], x[50000:50300], y[50000:50300], config))

@@ -14,111 +14,12 @@ throughout), so results agree to rounding, not bit for bit (``tests/test_native.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
-
 import torch
 
-from . import data
+from . import kernels
+from .kernels import available, cache_dir, library, why_unavailable  # noqa: F401 (this module's API)
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
-HEADERS = [CSRC / "kernels.h"]
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
-# OpenMP where the compiler has it: the library then shares PyTorch's OpenMP runtime (libgomp.so.1,
-# already loaded by torch) and its thread count; without it, the kernels run on one thread.
-OPENMP = ["-fopenmp"]
 MAX_CLASSES = 16
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_error: str | None = None
-
-
-def cache_dir() -> Path:
-    """Where the compiled library is kept: ``native/`` in the data cache (``mnistlab.data.cache_dir``)."""
-    return data.cache_dir() / "native"
-
-
-def _cpu_key() -> str:
-    """What the compiled code depends on: the source, the flags, and this CPU's instruction sets."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS + OPENMP).encode()
-    key += flags.encode() + platform.machine().encode()
-    return hashlib.sha256(key).hexdigest()[:16]
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc) found")
-    target = cache_dir() / f"kernels-{_cpu_key()}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            for extra in (OPENMP, []):
-                command = [compiler, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode == 0:
-                    break
-            else:
-                raise OSError(f"{compiler} failed: {done.stderr.strip()[:300]}")
-            os.replace(tmp, target)  # atomic: concurrent builds leave one whole library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    f = ctypes.c_void_p
-    lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
-    lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
-    lib.fastcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 19
-    lib.fastcnn_backward.argtypes = [ctypes.c_int] + [f] * 29
-    for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_forward, lib.fastcnn_backward):
-        fn.restype = None
-    return lib
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled library, building it on first use; None where it cannot be had."""
-    global _lib, _tried, _error
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get("MNISTLAB_NATIVE", "1") == "0":
-                _error = "turned off by MNISTLAB_NATIVE=0"
-            elif sys.platform == "win32":
-                _error = "not built on Windows"
-            else:
-                try:
-                    _lib = _build()
-                except OSError as e:
-                    _error = str(e)
-        return _lib
-
-
-def available() -> bool:
-    return library() is not None
-
-
-def why_unavailable() -> str | None:
-    library()
-    return _error
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -190,27 +91,19 @@ class FastCNNFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gfeat, _gstats):
-        lib = library()
-        w1, g1, b1, w2, g2, b2, w3, g3, b3, *saved, stats = ctx.saved_tensors
-        n = saved[0].shape[0]
-        gfeat = gfeat.contiguous()
-        scratch = [torch.empty(n, size) for size in (16 * 64, 81 * 32, 49 * 32, 225 * 16, 196 * 16)]
-        grads = [torch.empty_like(t) for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
-        lib.fastcnn_backward(n, *[_ptr(t) for t in (w1, g1, w2, g2, w3, g3)], *[_ptr(t) for t in saved], _ptr(stats),
-                             _ptr(gfeat), *[_ptr(t) for t in scratch], *[_ptr(t) for t in grads])
+        params, saved, stats = ctx.saved_tensors[:9], ctx.saved_tensors[9:-1], ctx.saved_tensors[-1]
+        grads = [torch.empty_like(t) for t in params]
+        kernels.fastcnn_backward([t.numpy() for t in params], [t.numpy() for t in saved], stats.numpy(),
+                                 gfeat.contiguous().numpy(), [g.numpy() for g in grads])
         return (None, *grads)
 
 
 def _fastcnn_forward(x, params, stats, given: bool):
     """The C forward pass: features (n, 1024) and the activations it saves for the backward pass.
     ``stats`` (6, 64) receives the batch statistics, or (``given``) holds the running ones."""
-    n = x.shape[0]
-    x = x.reshape(n, 784).contiguous()
-    saved = [torch.empty(n, size) for size in (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)]
-    feats = torch.empty(n, 1024)
-    library().fastcnn_forward(n, int(given), _ptr(x), *[_ptr(t) for t in params], *[_ptr(t) for t in saved],
-                              _ptr(stats), _ptr(feats))
-    return feats, saved
+    x = x.reshape(len(x), 784).contiguous()
+    feats, saved = kernels.fastcnn_forward(x.numpy(), [t.numpy() for t in params], stats.numpy(), given)
+    return torch.from_numpy(feats), [torch.from_numpy(a) for a in saved]
 
 
 def _conv_bn_layers(model: torch.nn.Module):
@@ -220,7 +113,7 @@ def _conv_bn_layers(model: torch.nn.Module):
     return list(zip(convs, bns, strict=True))
 
 
-def _fast_supported(model: torch.nn.Module) -> bool:
+def fast_supported(model: torch.nn.Module) -> bool:
     from .models import FastCNN
 
     if type(model) is not FastCNN:
@@ -277,8 +170,40 @@ def forward_for(model: torch.nn.Module, x: torch.Tensor):
     they apply, else ``model`` itself. Decided once, in the model's current mode (train/eval)."""
     if supports(model, x[:1].float()):
         return lambda xb: seedcnn(model, xb)
-    if _fast_supported(model) and _cpu_float(model, x[:1].float()) and available():
+    if fast_supported(model) and _cpu_float(model, x[:1].float()) and available():
         if model.training:
             return lambda xb: fastcnn(model, xb)
         return lambda xb: fastcnn_eval(model, xb)
     return model
+
+
+def fast_trainer(model: torch.nn.Module, opt, label_smoothing: float = 0.0):
+    """A :class:`~mnistlab.fastpath.FastCNNStep` that trains ``model`` (a FastCNN on the CPU) in
+    place with ``opt`` (a :class:`~mnistlab.optim.SGD`, whose momentum buffers it uses), or None
+    where the compiled kernels do not apply: then train through :func:`forward_for`."""
+    from . import fastpath
+    from .optim import SGD
+
+    if not (fast_supported(model) and isinstance(opt, SGD) and len(opt.param_groups) == 1 and available()):
+        return None
+    state = dict(model.state_dict(keep_vars=True))
+    tensors = [state[k] for k in fastpath.PARAMS]
+    group = opt.param_groups[0]
+    if len(group["params"]) != len(tensors) or any(a is not b for a, b in zip(group["params"], tensors, strict=False)):
+        return None
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return None
+    buffers = None
+    if group["momentum"]:
+        for p in tensors:
+            s = opt.state.setdefault(p, {})
+            if "momentum_buffer" not in s:  # zeros: the first step then stores the gradient, as torch's SGD does
+                s["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [opt.state[p]["momentum_buffer"] for p in tensors]
+        pairs = zip(buffers, tensors, strict=True)
+        if not all(b.dtype == torch.float32 and b.is_contiguous() and b.shape == p.shape for b, p in pairs):
+            return None
+        buffers = [b.numpy() for b in buffers]
+    arrays = {k: t.detach().numpy() for k, t in state.items()}
+    return fastpath.FastCNNStep(arrays, buffers, momentum=group["momentum"], nesterov=group["nesterov"],
+                                weight_decay=group["weight_decay"], label_smoothing=label_smoothing)

@@ -211,6 +211,8 @@ def train_epoch(
     augment = AUGMENTS[config.augment] if config is not None else None
     scheduled = config is not None and config.schedule != "constant"
     forward = native.forward_for(model, x)  # the compiled kernels for the seed's CNN on a CPU
+    # FastCNN on a CPU: whole steps without autograd (the kernels, NumPy for the head, loss and SGD)
+    stepper = native.fast_trainer(model, opt, smoothing) if x.device.type == "cpu" else None
     for b in range(n_batches):
         if scheduled:
             step, steps = (epoch - 1) * n_batches + b, config.epochs * n_batches
@@ -220,10 +222,13 @@ def train_epoch(
         xb = prepare(x[idx])
         if augment is not None:
             xb = augment(xb)
-        loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=smoothing)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if stepper is not None:
+            loss = torch.tensor(stepper.step(xb.numpy(), y[idx].numpy(), opt.param_groups[0]["lr"]))
+        else:
+            loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=smoothing)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if average is not None:
             average.update(model)
         total += loss.detach()
@@ -270,8 +275,10 @@ def fit(
     model.to(device)
     if device.type == "cpu":
         # oneDNN runs these convolutions 1.25-1.33x faster channels-last, and a step's buffers
-        # are reused instead of page-faulted in afresh (benchmarks/bench_choices.py).
-        model.to(memory_format=torch.channels_last)
+        # are reused instead of page-faulted in afresh (benchmarks/bench_choices.py). The
+        # compiled kernels take FastCNN's weights as they are (contiguous).
+        if not (native.fast_supported(model) and native.available()):
+            model.to(memory_format=torch.channels_last)
         keep_freed_memory()
     x_train, y_train = as_tensor(x_train, device), as_tensor(y_train, device).long()
     x_valid, y_valid = as_tensor(x_valid, device), as_tensor(y_valid, device).long()

@@ -1,0 +1,100 @@
+"""FastCNN's steps without autograd (mnistlab.fastpath, kernels.fastcnn_head) against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnistlab
+from mnistlab import fastpath, kernels, native
+from mnistlab.optim import SGD
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if not native.available():
+        pytest.skip(f"no compiled kernels: {native.why_unavailable()}")
+
+
+@pytest.mark.parametrize(("n", "classes", "smoothing"), [(1, 10, 0.0), (7, 3, 0.1), (100, 10, 0.1), (64, 16, 0.3)])
+def test_head_loss_and_gradients_match_pytorch(n, classes, smoothing):
+    g = torch.Generator().manual_seed(n)
+    feats = torch.randn(n, 1024, generator=g).relu().requires_grad_()
+    head = torch.nn.Linear(1024, classes)
+    y = torch.randint(0, classes, (n,), generator=g)
+    logits = head(feats)
+    loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    loss.backward()
+    w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
+    ours, gfeat, gw, gb = kernels.fastcnn_head(feats.detach().numpy(), w, b, y.numpy(), smoothing)
+    assert ours == pytest.approx(loss.item(), rel=1e-5)
+    np.testing.assert_allclose(gfeat, feats.grad.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(gw, head.weight.grad.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(gb, head.bias.grad.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(kernels.fastcnn_head(feats.detach().numpy(), w, b), logits.detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _pair(seed):
+    torch.manual_seed(seed)
+    model = mnistlab.create_model("fastcnn")
+    with torch.no_grad():  # BatchNorm weights and biases away from their initial 1 and 0
+        for m in model.features:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.add_(torch.randn_like(m.weight) * 0.2)
+                m.bias.add_(torch.randn_like(m.bias) * 0.2)
+    twin = mnistlab.create_model("fastcnn")
+    twin.load_state_dict(model.state_dict())
+    return model.train(), twin.train()
+
+
+@pytest.mark.parametrize(("n", "momentum", "nesterov", "weight_decay", "smoothing"),
+                         [(7, 0.9, True, 5e-4, 0.1), (37, 0.9, False, 0.0, 0.0), (100, 0.0, False, 1e-3, 0.2)])
+def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing):
+    """Three steps of the step function against autograd and torch.optim.SGD: weights, momentum
+    buffers, running statistics and losses."""
+    model, twin = _pair(n)
+    reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov,
+                                weight_decay=weight_decay)
+    opt = SGD(twin.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    stepper = native.fast_trainer(twin, opt, smoothing)
+    assert stepper is not None
+    for step in range(3):
+        x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+        loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
+        reference.zero_grad()
+        loss.backward()
+        reference.step()
+        assert stepper.step(x.numpy(), y.numpy(), 0.05) == pytest.approx(loss.item(), rel=1e-4)
+        for (name, want), got in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6, msg=f"step {step}: {name}")
+        if momentum:
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(opt.state[q]["momentum_buffer"], reference.state[p]["momentum_buffer"],
+                                           rtol=1e-4, atol=1e-5)
+    assert int(twin.features[1].num_batches_tracked) == 3
+    assert not torch.equal(twin.head.weight, _pair(n)[1].head.weight)  # it did train
+
+
+def test_evaluation_logits_match_pytorch():
+    model, _ = _pair(3)
+    for _ in range(3):
+        model(torch.rand(64, 784))  # move the running statistics
+    model.eval()
+    x = torch.rand(1100, 784)  # more than one chunk, and a partial one
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        np.testing.assert_allclose(fastpath.logits(state, x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_only_where_it_applies():
+    model = mnistlab.create_model("fastcnn")
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert native.fast_trainer(model, opt) is not None
+    assert native.fast_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)) is None  # another optimizer
+    assert native.fast_trainer(model, SGD(list(model.parameters())[:-1], lr=0.1)) is None  # not all the weights
+    assert native.fast_trainer(mnistlab.create_model("cnn"), SGD(model.parameters(), lr=0.1)) is None
+    model.to(memory_format=torch.channels_last)
+    assert native.fast_trainer(model, SGD(model.parameters(), lr=0.1)) is None  # weights not contiguous
