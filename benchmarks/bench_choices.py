@@ -28,7 +28,7 @@ from mnistlab import native
 from mnistlab.allocator import keep_freed_memory
 from mnistlab.bench import machine
 from mnistlab.data import load_dataset
-from mnistlab.evaluate import prepare
+from mnistlab.evaluation import prepare
 from mnistlab.models import create_model
 from mnistlab.optim import SGD
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.augment import affine_theta
-from mnistlab.evaluate import logits, shift_images
+from mnistlab.evaluation import logits, shift_images
 from mnistlab.runs import load_run_model, load_split
 
 

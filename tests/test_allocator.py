@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.allocator import keep_freed_memory
-from mnistlab.evaluate import prepare
+from mnistlab.evaluation import prepare
 from mnistlab.models import create_model
 from mnistlab.optim import SGD
 

@@ -13,7 +13,7 @@ from mnistlab.checkpoint import load_model
 from mnistlab.cli import main
 from mnistlab.data import split
 from mnistlab.errors import RunError, UsageError
-from mnistlab.evaluate import TTA_SHIFTS, evaluate, predict, predict_proba, shift_images
+from mnistlab.evaluation import TTA_SHIFTS, evaluate, predict, predict_proba, shift_images
 from mnistlab.prepare import prepare_array
 from mnistlab.runs import evaluate_run
 from mnistlab.sweep import ensemble, spread, train_seeds

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mnistlab
 from mnistlab.errors import UsageError
-from mnistlab.evaluate import evaluate, predict_proba
+from mnistlab.evaluation import evaluate, predict_proba
 from mnistlab.train import TrainConfig, TrainingDiverged
 
 

@@ -16,9 +16,7 @@ from torch import nn
 from .errors import RunError
 from .files import write_bytes_atomic, write_json_atomic
 from .models import create_model, list_models
-
-WEIGHTS = "model.safetensors"
-META = "model.json"
+from .rundir import META, STATE, WEIGHTS  # noqa: F401 (re-exported)
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike, name: str, config: dict) -> None:
@@ -57,7 +55,6 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict]:
 # exactly: weights, optimizer buffers, the weight average if any, torch's global RNG state
 # (it drives the shuffling), epoch and metrics. One safetensors file; the non-tensor parts
 # ride in its JSON metadata.
-STATE = "checkpoint.safetensors"
 
 
 def save_state(directory: str | os.PathLike, model: nn.Module, opt, epoch: int, epochs: list[dict],

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .errors import UsageError
-from .evaluate import logits
+from .evaluation import logits
 from .prepare import prepare_image
 from .runs import load_run_model
 

@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .augment import AUGMENTS
+from .config import AUGMENT_NAMES, MODEL_NAMES, PRESETS
 from .data import SPLITS
 from .errors import MnistlabError, UsageError
-from .models import list_models
-from .optim import SCHEDULES
-from .train import PRESETS
+from .schedule import SCHEDULES
 
 EXIT_USAGE = 2
 
@@ -81,7 +79,7 @@ def _add_train(sub) -> None:
                         "walk-through trains it (the default values below); fast: time to 99%% (a small "
                         "BatchNorm CNN, 2 epochs, one-cycle Nesterov SGD); best: accuracy on the standard test set "
                         "(a larger BatchNorm CNN, augmentation, 15 epochs)")
-    p.add_argument("--model", default=None, choices=list_models(), help="registered model (default: cnn)")
+    p.add_argument("--model", default=None, choices=list(MODEL_NAMES), help="registered model (default: cnn)")
     p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training part (default: 15)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per SGD step (default: 64)")
     p.add_argument("--lr", type=positive_float, default=None,
@@ -94,7 +92,7 @@ def _add_train(sub) -> None:
                    help="learning rate per step: constant, or onecycle (linear rise over the first quarter, "
                         "then linear fall to 0) (default: constant)")
     p.add_argument("--label-smoothing", type=float, default=None, help="in [0, 1) (default: 0)")
-    p.add_argument("--augment", default=None, choices=list(AUGMENTS),
+    p.add_argument("--augment", default=None, choices=list(AUGMENT_NAMES),
                    help="affine: random shifts (2 px), rotations (10 degrees) and scaling (10%%) per image; "
                         "elastic: the same plus a smooth random elastic distortion (default: none)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
@@ -315,7 +313,7 @@ def cmd_train(args) -> int:
 
 
 def _config_from_args(args):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig.from_preset(
         args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -410,7 +408,7 @@ def _predict_images(args) -> int:
 
 
 def _predict_valid(args) -> int:
-    from .evaluate import predict_proba
+    from .evaluation import predict_proba
     from .runs import load_run_model, load_split
 
     model, config = load_run_model(args.run_dir)

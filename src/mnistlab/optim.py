@@ -9,11 +9,9 @@ training run spends in its first epoch's first half.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-SCHEDULES = ("constant", "onecycle")
+from .schedule import SCHEDULES, learning_rate  # noqa: F401 (re-exported)
 
 
 class SGD:
@@ -90,23 +88,6 @@ class SGD:
         for i, s in state_dict["state"].items():
             p = params[int(i)]
             self.state[p] = {k: (v.to(p.device, p.dtype) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-
-
-def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: float = 0.25) -> float:
-    """The learning rate for optimizer step ``step`` (0-based) of ``total``.
-
-    ``constant``: ``peak`` throughout (the seed). ``onecycle``: rises linearly to ``peak``
-    over the first ``warmup`` fraction of the steps, then falls linearly towards 0, reached one
-    step after the last.
-    """
-    if schedule == "constant":
-        return peak
-    if schedule != "onecycle":
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of: {', '.join(SCHEDULES)}")
-    rise = max(1, math.ceil(warmup * total))
-    if step < rise:
-        return peak * (step + 1) / rise
-    return peak * max(0.0, (total - step) / (total - rise + 1))
 
 
 class WeightAverage:

@@ -15,7 +15,7 @@ import torch
 
 from .classifier import load_run
 from .errors import UsageError
-from .evaluate import prepare
+from .evaluation import prepare
 from .prepare import MAX_BYTES, ImageError, prepare_image
 
 try:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .data import Dataset, load_dataset
 from .errors import RunError, UsageError
-from .evaluate import predict_proba
+from .evaluation import predict_proba
 from .files import write_json_atomic
 from .runs import RunResult, load_run_model, load_split, prepare_run_dir, read_config, train_run
 from .train import TrainConfig

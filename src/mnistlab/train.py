@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,136 +22,10 @@ from torch import nn
 from . import native
 from .allocator import keep_freed_memory
 from .augment import AUGMENTS
-from .data import SPLITS
-from .errors import MnistlabError, UsageError
-from .evaluate import as_tensor, evaluate, prepare
-from .optim import SCHEDULES, SGD, WeightAverage, learning_rate
-
-# Per-model SGD settings where the seed leaves them open (the PyTorch tutorial's values).
-RECIPES = {
-    "linear": {"lr": 0.5, "momentum": 0.0},
-    "cnn": {"lr": 0.1, "momentum": 0.9},
-}
-DEVICES = ("auto", "cpu", "cuda")
-
-# Named recipes: values for TrainConfig fields; anything given explicitly overrides them.
-PRESETS = {
-    # The seed's CNN exactly as its walk-through trains it.
-    "seed": {"model": "cnn", "epochs": 15, "batch_size": 64, "lr": 0.1, "momentum": 0.9},
-    # Time to 99%: a small BatchNorm CNN, two epochs, one-cycle Nesterov SGD, label smoothing.
-    # Chosen on the seed split (benchmarks/bench_choices.py measures the alternatives).
-    "fast": {"model": "fastcnn", "epochs": 2, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "nesterov": True,
-             "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1},
-    # Accuracy on the standard test set: a BatchNorm CNN, affine augmentation, 15 one-cycle epochs
-    # (about 10-13 minutes on 2 cores), scored with test-time augmentation (chosen on the holdout split).
-    "best": {"model": "bncnn", "epochs": 15, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "nesterov": True,
-             "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1, "augment": "affine",
-             "split": "standard", "tta": True},
-}
-
-
-class TrainingDiverged(MnistlabError):
-    """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    """How to train: every value a run needs to be repeated. Units in the comments."""
-
-    model: str = "cnn"  # registry name, see mnistlab.list_models()
-    epochs: int = 15  # passes over the training part
-    batch_size: int = 64  # images per SGD step; validation uses twice this
-    lr: float | None = None  # SGD learning rate; None: the model's recipe (linear 0.5, cnn 0.1)
-    momentum: float | None = None  # SGD momentum; None: the model's recipe (linear 0, cnn 0.9)
-    seed: int = 0  # torch.manual_seed before the model is built: weights' initialisation and shuffling
-    split: str = "seed"  # "seed": 50,000 / 20,000; "standard": 60,000 / 10,000 (test); "holdout": 50,000 / 10,000
-    data_dir: str | None = None  # a folder of four MNIST-format IDX files; None: the shipped MNIST
-    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
-    nesterov: bool = False  # Nesterov momentum
-    weight_decay: float = 0.0  # L2 penalty added to the gradients (as torch.optim.SGD's weight_decay)
-    schedule: str = "constant"  # learning rate per step: "constant" (the seed) or "onecycle"
-    warmup: float = 0.25  # onecycle: fraction of the steps spent rising to lr
-    label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
-    augment: str = "none"  # "none"; "affine": random shifts, rotations, scaling; "elastic": also warps (augment.py)
-    ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
-    tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
-    preset: str | None = None  # the preset these values came from, for the record
-
-    @classmethod
-    def from_preset(cls, name: str | None, **overrides) -> TrainConfig:
-        """The preset's values (see ``PRESETS``), then ``overrides`` (``None`` values are ignored)."""
-        if name is not None and name not in PRESETS:
-            raise UsageError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
-        values = dict(PRESETS[name]) if name is not None else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values, preset=name)
-
-    def __post_init__(self):
-        recipe = RECIPES.get(self.model, {"lr": 0.1, "momentum": 0.0})
-        if self.lr is None:
-            self.lr = recipe["lr"]
-        if self.momentum is None:
-            self.momentum = recipe["momentum"]
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise UsageError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        if self.device not in DEVICES:
-            raise UsageError(f"unknown device {self.device!r}; expected one of: {', '.join(DEVICES)}")
-        if self.split not in SPLITS:
-            raise UsageError(f"unknown split {self.split!r}; expected one of: {', '.join(SPLITS)}")
-        if self.augment not in AUGMENTS:
-            raise UsageError(f"unknown augment {self.augment!r}; expected one of: {', '.join(AUGMENTS)}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
-        for name, high in (("weight_decay", math.inf), ("label_smoothing", 1.0), ("warmup", 1.0), ("ema", 1.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < high:
-                bound = "a number >= 0" if high == math.inf else f"a number in [0, {high:g})"
-                raise UsageError(f"{name} must be {bound}, got {value!r}")
-        if not isinstance(self.tta, bool):
-            raise UsageError(f"tta must be true or false, got {self.tta!r}")
-        if self.nesterov and self.momentum == 0:
-            raise UsageError("nesterov needs a momentum above 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class History:
-    """Per-epoch metrics: one dict per epoch with epoch, train_loss, valid_loss, valid_acc, seconds."""
-
-    epochs: list[dict] = field(default_factory=list)
-    # The class probabilities on the validation images after the last epoch trained, (N, C).
-    valid_proba: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def column(self, key: str) -> list:
-        return [e[key] for e in self.epochs]
-
-    @property
-    def train_loss(self) -> list[float]:
-        return self.column("train_loss")
-
-    @property
-    def valid_loss(self) -> list[float]:
-        return self.column("valid_loss")
-
-    @property
-    def valid_acc(self) -> list[float]:
-        return self.column("valid_acc")
+from .config import DEVICES, PRESETS, RECIPES, History, TrainConfig, TrainingDiverged  # noqa: F401 (re-exported)
+from .errors import UsageError
+from .evaluation import as_tensor, evaluate, prepare
+from .optim import SGD, WeightAverage, learning_rate
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,24 @@
+"""Learning-rate schedules: the rate for each optimizer step. No PyTorch needed."""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("constant", "onecycle")
+
+
+def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: float = 0.25) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of ``total``.
+
+    ``constant``: ``peak`` throughout (the seed). ``onecycle``: rises linearly to ``peak``
+    over the first ``warmup`` fraction of the steps, then falls linearly towards 0, reached one
+    step after the last.
+    """
+    if schedule == "constant":
+        return peak
+    if schedule != "onecycle":
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of: {', '.join(SCHEDULES)}")
+    rise = max(1, math.ceil(warmup * total))
+    if step < rise:
+        return peak * (step + 1) / rise
+    return peak * max(0.0, (total - step) / (total - rise + 1))
