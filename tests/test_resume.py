@@ -57,7 +57,8 @@ def _start_and_interrupt(cmd, run, sig):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema", "0.99"]], ids=["plain", "ema"])
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.99"], ["--model", "fastcnn", "--batch-size", "32"]],
+                         ids=["plain", "ema", "fastpath"])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir, extra):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_train_cmd(medium_dir, reference) + extra, check=True, capture_output=True)

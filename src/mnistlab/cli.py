@@ -274,7 +274,8 @@ def format_grid(grid: list[list[int]]) -> str:
 
 
 def cmd_train(args) -> int:
-    from .runs import default_run_dir, read_config, resume_run, train_run
+    from . import fastrun
+    from .rundir import default_run_dir, read_config
 
     if args.seeds is not None:
         return _train_seeds(args)
@@ -294,11 +295,13 @@ def cmd_train(args) -> int:
         print(epoch_line(r, config.epochs), flush=True)
 
     hooks = {"on_batch": _progress(interactive), "on_epoch": on_epoch}
-    try:
+    try:  # FastCNN on a CPU trains without importing PyTorch (mnistlab.fastrun)
         if args.resume:
-            result = resume_run(run_dir, **hooks)
+            resume = fastrun.resume_run if fastrun.trained_here(run_dir) else _runs().resume_run
+            result = resume(run_dir, **hooks)
         else:
-            result = train_run(config, run_dir, force=args.force, **hooks)
+            train = fastrun.train_run if fastrun.applies(config) else _runs().train_run
+            result = train(config, run_dir, force=args.force, **hooks)
     except KeyboardInterrupt:
         print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {run_dir}",
               file=sys.stderr)
@@ -310,6 +313,12 @@ def cmd_train(args) -> int:
     print(f"valid_acc {100 * s['valid_acc']:.2f}%{tta}  valid_loss {s['valid_loss']:.4f}  "
           f"trained in {s['train_seconds']:.1f}s; run saved to {result.run_dir}")
     return 0
+
+
+def _runs():
+    from . import runs
+
+    return runs
 
 
 def _config_from_args(args):

@@ -66,18 +66,33 @@ def running_stats(state: dict) -> np.ndarray:
 
 def logits(state: dict, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """FastCNN in evaluation mode (BatchNorm with its running statistics): logits (n, C) of the
-    float32 images ``x`` (n, 784) in [0, 1)."""
+    images ``x`` (n, 784) or (n, 28, 28): float pixels in [0, 1), or uint8 (divided by 256)."""
     params = [np.ascontiguousarray(state[k], np.float32) for k in PARAMS[:9]]
     stats = running_stats(state)
     out = np.empty((len(x), len(state["head.bias"])), np.float32)
     buffers = None
     for start in range(0, len(x), batch_size):
         xb = np.ascontiguousarray(x[start : start + batch_size], np.float32).reshape(-1, 784)
+        if x.dtype == np.uint8:
+            xb *= np.float32(1 / 256)
         if buffers is None or buffers.n != len(xb):
             buffers = Buffers(len(xb), out.shape[1])
         feats, _ = kernels.fastcnn_forward(xb, params, stats, True, buffers.saved, buffers.feats)
         out[start : start + len(xb)] = head(state, feats)
     return out
+
+
+def evaluate(state: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 128) -> dict:
+    """:func:`mnistlab.evaluate`'s numbers in evaluation mode: ``loss`` (the mean over batches of
+    ``batch_size`` rows of each batch's mean cross-entropy, as the seed computes it), ``acc``, and
+    ``proba``, the class probabilities (n, C) float32."""
+    z = logits(state, x)
+    y = np.asarray(y, np.int64)
+    logp = log_softmax(z)
+    per_row = -logp[np.arange(len(y)), y].astype(np.float64)
+    means = [per_row[i : i + batch_size].mean() for i in range(0, len(y), batch_size)]
+    return {"loss": float(np.mean(means)) if means else float("nan"),
+            "acc": float((z.argmax(axis=1) == y).mean()) if len(y) else float("nan"), "proba": np.exp(logp)}
 
 
 class FastCNNStep:

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -45,6 +46,14 @@ TIMINGS = ("data", "training", "validation", "checkpoints", "final_inference", "
 GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
 
 
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: object  # the trained torch.nn.Module (None from mnistlab.fastrun, which runs without PyTorch)
+    history: History
+    summary: dict
+
+
 class Phases:
     """Wall seconds spent per phase of a run, summed over every entry into the phase."""
 
@@ -58,6 +67,34 @@ class Phases:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def start(config: TrainConfig, out, force: bool, dataset: Dataset | None, phases: Phases, device: str):
+    """A new run's first steps: check ``config``, load the data, create the run directory, write
+    config.json and example.png. Returns ``(config, dataset, run_dir)``; ``config.data_dir`` made absolute."""
+    config.validate()
+    if config.data_dir is not None:  # absolute, so the run can be evaluated from anywhere
+        config = replace(config, data_dir=str(Path(config.data_dir).resolve()))
+    with phases("data"):
+        ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
+    write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": device})
+    first, label = ds.images[0], int(ds.labels[0])  # both splits start with the dataset's first row
+    with phases("pictures"):
+        plots.save(plots.plot_example(first, label, f"First training example: label {label}"),
+                   run_dir / "example.png")
+    return config, ds, run_dir
+
+
+def resume_start(run_dir, dataset: Dataset | None, phases: Phases):
+    """An interrupted run's config, directory and data; refuses a finished run."""
+    config = read_config(run_dir)
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists():
+        raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
+    with phases("data"):
+        ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    return config, run_dir, ds
 
 
 def default_run_dir(model: str) -> Path:

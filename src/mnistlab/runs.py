@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, metrics, plots, rundir
+from . import checkpoint, metrics, rundir
 from .data import Dataset, load_dataset
-from .errors import UsageError
 from .evaluation import evaluate, predict_proba, score
-from .files import write_json_atomic
 from .models import count_parameters, create_model
 from .optim import WeightAverage
 from .rundir import (  # noqa: F401 (re-exported: the run directory's API lives on here too)
@@ -31,6 +29,7 @@ from .rundir import (  # noqa: F401 (re-exported: the run directory's API lives 
     SUMMARY,
     TIMINGS,
     Phases,
+    RunResult,
     check_run_dir,
     default_run_dir,
     load_split,
@@ -43,14 +42,6 @@ from .rundir import (  # noqa: F401 (re-exported: the run directory's API lives 
 from .train import History, TrainConfig, fit, make_optimizer, resolve_device
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    model: torch.nn.Module
-    history: History
-    summary: dict
-
-
 def train_run(
     config: TrainConfig,
     out: str | os.PathLike | None = None,
@@ -60,22 +51,22 @@ def train_run(
     on_batch: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
-    """Train ``config`` end to end and write its run directory; returns the trained model too."""
-    config.validate()
-    if config.data_dir is not None:  # absolute, so the run can be evaluated from anywhere
-        config = replace(config, data_dir=str(Path(config.data_dir).resolve()))
+    """Train ``config`` end to end and write its run directory; returns the trained model too.
+
+    FastCNN on a CPU with the compiled kernels trains through :mod:`mnistlab.fastrun` (no
+    autograd; weights initialised and batches shuffled from NumPy's generator seeded with
+    ``config.seed``); everything else through :func:`mnistlab.fit`.
+    """
+    from . import fastrun
+
+    if fastrun.applies(config):
+        done = fastrun.train_run(config, out, force=force, dataset=dataset, on_batch=on_batch, on_epoch=on_epoch)
+        return replace(done, model=checkpoint.load_model(done.run_dir)[0])
     device = resolve_device(config.device)
     phases = Phases()
-    with phases("data"):
-        ds = dataset if dataset is not None else load_dataset(config.data_dir)
-    run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
+    config, ds, run_dir = rundir.start(config, out, force, dataset, phases, str(device))
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=ds.num_classes)
-    write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": str(device)})
-    first, label = ds.images[0], int(ds.labels[0])  # both splits start with the dataset's first row
-    with phases("pictures"):
-        plots.save(plots.plot_example(first, label, f"First training example: label {label}"),
-                   run_dir / "example.png")
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
     return _train(config, run_dir, ds, model, make_optimizer(model, config), History(), on_batch, on_epoch, average,
                   phases)
@@ -89,13 +80,13 @@ def resume_run(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Continue an interrupted run from its last complete epoch, exactly as if never stopped."""
-    config = read_config(run_dir)
-    run_dir = Path(run_dir)
-    if (run_dir / SUMMARY).exists():
-        raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
+    from . import fastrun
+
+    if fastrun.trained_here(run_dir):
+        done = fastrun.resume_run(run_dir, dataset=dataset, on_batch=on_batch, on_epoch=on_epoch)
+        return replace(done, model=checkpoint.load_model(done.run_dir)[0])
     phases = Phases()
-    with phases("data"):
-        ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    config, run_dir, ds = rundir.resume_start(run_dir, dataset, phases)
     model = create_model(config.model, num_classes=ds.num_classes)
     opt = make_optimizer(model, config)
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
@@ -128,7 +119,7 @@ def _train(config, run_dir, ds, model, opt, history, on_batch, on_epoch, average
             proba = predict_proba(model, x_valid, tta=config.tta)
     summary = rundir.finish(run_dir, config, history, first_epoch, phases, proba, x_valid, y_valid,
                             ds.num_classes, n_train=len(x_train), device=str(device),
-                            num_parameters=count_parameters(model))
+                            num_parameters=count_parameters(model), extra={"engine": "pytorch"})
     return RunResult(run_dir, model, history, summary)
 
 
