@@ -1,9 +1,10 @@
 """What each hardware choice is worth: training-step throughput under one change at a time.
 
 For the seed's CNN (batch 64) and the fast preset's model (batch 256), interleaved,
---repeats times each: our settings (the compiled kernels of mnistlab.native, 2 threads,
-fp32, glibc malloc keeping freed memory) against PyTorch's layers in their place (channels-
-last, eager), and with them the default NCHW layout, bf16 autocast and torch.compile; 1
+--repeats times each: our settings (the compiled kernels of mnistlab.native, for fastcnn
+whole steps without autograd as in training (mnistlab.fastpath), 2 threads, fp32, glibc
+malloc keeping freed memory) against the kernels through autograd (fastcnn), PyTorch's
+layers in their place (channels-last, eager), and with them the default NCHW layout, bf16 autocast and torch.compile; 1
 thread, other batch sizes (all in this process), and glibc's default malloc settings (in a
 child process, since they cannot be restored once changed). Each measurement is --steps
 training steps on real MNIST batches after a warm-up; the medians are reported as images/s
@@ -34,18 +35,25 @@ from mnistlab.optim import SGD
 
 
 def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False,
-                     kernels=True):
+                     kernels=True, whole_step=True):
+    """Training images per second. With the kernels, ``fastcnn`` trains as ``fit`` does: whole
+    steps without autograd (mnistlab.fastpath); ``whole_step=False``: the kernels' forward and
+    backward through autograd, with PyTorch's head, loss and optimizer."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(name)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    stepper = native.fast_trainer(model, opt) if kernels and whole_step and not compiled else None
+    if channels_last and stepper is None:
+        model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else native.forward_for(model, x[:1]) if kernels else model
     order = torch.randperm(len(x))
 
     def step(b):
         idx = order[(b * batch) % (len(x) - batch):][:batch]
+        if stepper is not None:
+            stepper.step(prepare(x[idx]).numpy(), y[idx].numpy(), 0.01)
+            return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(forward(prepare(x[idx])), y[idx])
         loss.backward()
@@ -87,6 +95,7 @@ def main() -> None:
     keep_freed_memory()
     all_variants = [
         ("ours: compiled kernels, 2 threads, fp32, malloc keeps freed memory", {}),
+        ("the kernels through autograd, PyTorch's head, loss and SGD (fastcnn)", {"whole_step": False}),
         ("PyTorch's layers (oneDNN convolutions) instead of mnistlab.native's kernels", {"kernels": False}),
         ("1 thread", {"threads": 1}),
         ("PyTorch's layers, NCHW (default layout)", {"channels_last": False, "kernels": False}),
@@ -101,7 +110,7 @@ def main() -> None:
     print("| model (batch) | variant | images/s | vs ours | warm-up s |")
     print("|---|---|---|---|---|")
     for name, batch in (("cnn", 64), ("fastcnn", 256)):
-        variants = all_variants
+        variants = [v for v in all_variants if name == "fastcnn" or "(fastcnn)" not in v[0]]
         rates = {label: [] for label, _ in variants}
         warms = {label: [] for label, _ in variants}
         for _ in range(args.repeats):

@@ -123,3 +123,18 @@ def test_the_command_lines_model_names_are_the_registrys():
 
     assert set(MODEL_NAMES) <= set(mnistlab.list_models())
     assert set(MODEL_NAMES) == set(mnistlab.list_models())  # the built-in models, no test registers more
+
+
+def test_a_run_gives_the_same_weights_on_one_thread_or_two(tmp_path, small_dir):
+    """The kernels add their slices' sums in a fixed order and the rest is element-wise: bit for bit."""
+    import os
+
+    weights = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}"
+        cmd = [sys.executable, "-m", "mnistlab", "train", "--preset", "fast", "--epochs", "1", "--batch-size", "64",
+               "--data-dir", str(small_dir), "--out", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads},
+                       timeout=300)
+        weights.append((out / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
