@@ -11,6 +11,8 @@ import mnistlab
 from mnistlab import fastpath, kernels, native
 from mnistlab.optim import SGD
 
+from .test_native import _fastcnn_pair as _pair
+
 
 @pytest.fixture(autouse=True)
 def _kernels():
@@ -35,19 +37,6 @@ def test_head_loss_and_gradients_match_pytorch(n, classes, smoothing):
     np.testing.assert_allclose(gb, head.bias.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(kernels.fastcnn_head(feats.detach().numpy(), w, b), logits.detach().numpy(),
                                rtol=1e-5, atol=1e-5)
-
-
-def _pair(seed):
-    torch.manual_seed(seed)
-    model = mnistlab.create_model("fastcnn")
-    with torch.no_grad():  # BatchNorm weights and biases away from their initial 1 and 0
-        for m in model.features:
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.add_(torch.randn_like(m.weight) * 0.2)
-                m.bias.add_(torch.randn_like(m.bias) * 0.2)
-    twin = mnistlab.create_model("fastcnn")
-    twin.load_state_dict(model.state_dict())
-    return model.train(), twin.train()
 
 
 @pytest.mark.parametrize(("n", "momentum", "nesterov", "weight_decay", "smoothing"),
