@@ -138,3 +138,17 @@ def test_a_run_gives_the_same_weights_on_one_thread_or_two(tmp_path, small_dir):
                        timeout=300)
         weights.append((out / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
+
+
+def test_resuming_without_the_kernels_is_refused_in_one_line(tmp_path, small_dir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "fastcnn", "--epochs", "2", "--data-dir", str(small_dir), "--out", str(run)]) == 0
+    (run / "summary.json").unlink()
+    assert fastrun.trained_here(run)
+    capsys.readouterr()
+    monkeypatch.setattr(fastrun.kernels, "available", lambda: False)
+    monkeypatch.setattr(fastrun.kernels, "why_unavailable", lambda: "turned off by MNISTLAB_NATIVE=0")
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiled kernels, which are not available here" in err, err
+    assert (run / "checkpoint.safetensors").exists() and (run / "model.safetensors").exists()  # nothing lost

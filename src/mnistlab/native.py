@@ -1,12 +1,13 @@
-"""Compiled forward and backward passes for the seed's CNN and the fast preset's model on the CPU.
+"""The compiled kernels (:mod:`mnistlab.kernels`) inside PyTorch models on the CPU.
 
 At the seed's batch of 64, oneDNN's kernels for these three small convolutions spend most of
-a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C file
-beside this module (``csrc/seedcnn.c``) computes the whole network, forward and backward,
-in a few loops over 16-channel vectors. It is compiled once per machine with the system's C
-compiler (``cc -O3 -march=native``) into a cache folder and loaded with ctypes; without a
-compiler, or where it fails, :func:`available` is False and training keeps PyTorch's
-convolutions. ``MNISTLAB_NATIVE=0`` turns it off.
+a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C files
+in ``csrc/`` compute the seed's CNN and the fast preset's FastCNN, forward and backward, in
+a few loops over 16-channel vectors. Here they become autograd functions (:func:`seedcnn`,
+:func:`fastcnn`), evaluation-mode forwards (:func:`fastcnn_eval`), and whole training steps
+on a FastCNN's own tensors (:func:`fast_trainer`); :func:`forward_for` picks what applies.
+Without a compiler, or where it fails, :func:`available` is False and PyTorch's layers run.
+``MNISTLAB_NATIVE=0`` turns the kernels off.
 
 The arithmetic is the same as PyTorch's up to the order of the additions (float32
 throughout), so results agree to rounding, not bit for bit (``tests/test_native.py``).
