@@ -26,7 +26,7 @@ from . import data
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
 HEADERS = [CSRC / "kernels.h"]
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC"]  # compiling; linking adds -shared
 # OpenMP where the compiler has it: the library then shares PyTorch's OpenMP runtime (libgomp.so.1,
 # already loaded by torch) and its thread count; without it, the kernels run on one thread.
 OPENMP = ["-fopenmp"]
@@ -55,6 +55,19 @@ def _cpu_key() -> str:
     return hashlib.sha256(key).hexdigest()[:16]
 
 
+def _compile(compiler: str, extra: list[str], objects: Path, out: str) -> subprocess.CompletedProcess:
+    """Each source into an object file, all at once (one process per core's worth of work), then
+    one shared library linked from them: about half the time of one compiler call on 2 cores."""
+    procs = [subprocess.Popen([compiler, *FLAGS, *extra, "-c", str(src), "-o", str(objects / f"{src.stem}.o")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for src in SOURCES]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    link = [compiler, "-shared", *extra, "-o", out, *(str(objects / f"{src.stem}.o") for src in SOURCES), "-lm"]
+    return subprocess.run(link, capture_output=True, text=True)
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -65,13 +78,13 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            for extra in (OPENMP, []):
-                command = [compiler, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode == 0:
-                    break
-            else:
-                raise OSError(f"{compiler} failed: {done.stderr.strip()[:300]}")
+            with tempfile.TemporaryDirectory(dir=target.parent) as objects:
+                for extra in (OPENMP, []):
+                    done = _compile(compiler, extra, Path(objects), tmp)
+                    if done.returncode == 0:
+                        break
+                else:
+                    raise OSError(f"{compiler} failed: {done.stderr.strip()[:300]}")
             os.replace(tmp, target)  # atomic: concurrent builds leave one whole library
         finally:
             if os.path.exists(tmp):
