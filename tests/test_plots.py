@@ -92,3 +92,34 @@ def test_grid_frames_mistakes_in_red_and_scales_each_image(tmp_path, mnist):
     bright = plots.save(plots.plot_grid(images, labels, 3, 3), tmp_path / "bright.png")
     with Image.open(dim) as a, Image.open(bright) as b:  # each image is scaled to its own range
         assert np.abs(np.asarray(a, dtype=np.int32) - np.asarray(b, dtype=np.int32)).mean() < 2
+
+
+def test_pictures_are_drawn_side_by_side_and_a_failing_child_is_redone_here(tmp_path):
+    import os
+
+    import pytest
+
+    from mnistlab.rundir import side_by_side
+
+    where = {}
+
+    def first():
+        where["first"] = os.getpid()
+
+    def second():
+        (tmp_path / "second").write_text(str(os.getpid()))
+        where["second"] = os.getpid()
+
+    side_by_side(first, second)
+    assert where == {"first": os.getpid()}  # second ran in another process...
+    assert int((tmp_path / "second").read_text()) != os.getpid()  # ...and did its work
+
+    calls = []
+
+    def failing():
+        calls.append(os.getpid())
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        side_by_side(lambda: None, failing)  # the child failed quietly; here it fails as usual
+    assert calls == [os.getpid()]
