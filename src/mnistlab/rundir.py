@@ -141,9 +141,11 @@ def load_split(config: TrainConfig, dataset: Dataset | None = None):
     return split(ds.images, ds.labels, config.split, n_train=ds.n_train)
 
 
-def write_pictures(run_dir: Path, proba: np.ndarray, x_valid, y_valid, num_classes: int) -> dict:
+def write_pictures(run_dir: Path, proba: np.ndarray, x_valid, y_valid, num_classes: int,
+                   history: tuple[list[dict], str] | None = None) -> dict:
     """predictions.png, confusion.png and mistakes.png for the validation part from the model's
-    class probabilities ``proba`` on it; returns the analysis."""
+    class probabilities ``proba`` on it, and loss.png from ``history`` (per-epoch records, title)
+    if given; returns the analysis."""
     preds = proba.argmax(axis=1)
     y_valid = np.asarray(y_valid)
     rows, cols = GRID
@@ -155,7 +157,9 @@ def write_pictures(run_dir: Path, proba: np.ndarray, x_valid, y_valid, num_class
                                    title="Validation images 0-8: predicted / true"), run_dir / "predictions.png")
         plots.save(plots.plot_confusion(matrix), run_dir / "confusion.png")
 
-    def mistakes() -> None:
+    def mistakes_and_losses() -> None:
+        if history is not None:
+            plots.save(plots.plot_history(*history), run_dir / "loss.png")
         if len(worst):
             fig = plots.plot_grid(x_valid[worst], y_valid[worst], 4, 4, preds[worst],
                                   probabilities=proba[worst, preds[worst]],
@@ -164,7 +168,7 @@ def write_pictures(run_dir: Path, proba: np.ndarray, x_valid, y_valid, num_class
             fig = plots.plot_grid(x_valid[:0], y_valid[:0], 1, 1, preds[:0], title="No mistakes on the validation part")
         plots.save(fig, run_dir / "mistakes.png")
 
-    side_by_side(grid_and_confusion, mistakes)
+    side_by_side(grid_and_confusion, mistakes_and_losses)
     return {"confusion": matrix, "predictions": preds, "probabilities": proba}
 
 
@@ -238,7 +242,7 @@ def epoch_recorder(run_dir: Path, config: TrainConfig, history: History, phases:
                    save_state: Callable[[int], None], on_epoch: Callable[[dict], None] | None = None):
     """The per-epoch hook of a run: append the record to ``history``, ``save_state(epoch)``
     (the checkpoint), write the metrics, redraw loss.png (at most every ``LOSS_PLOT_EVERY``
-    seconds, and after the last epoch), then ``on_epoch(record)``."""
+    seconds; after the last epoch :func:`finish` does), then ``on_epoch(record)``."""
     last_plot = [time.monotonic()]
 
     def epoch_done(record: dict) -> None:
@@ -246,7 +250,8 @@ def epoch_recorder(run_dir: Path, config: TrainConfig, history: History, phases:
         with phases("checkpoints"):
             save_state(record["epoch"])
             write_metrics(run_dir, history)
-        if record["epoch"] == config.epochs or time.monotonic() - last_plot[0] >= LOSS_PLOT_EVERY:
+        # the last epoch's loss.png is drawn by finish(), beside the other pictures
+        if record["epoch"] < config.epochs and time.monotonic() - last_plot[0] >= LOSS_PLOT_EVERY:
             with phases("pictures"):
                 plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"),
                            run_dir / "loss.png")
@@ -273,7 +278,8 @@ def finish(run_dir: Path, config: TrainConfig, history: History, first_epoch: in
     summary = make_summary(config, history, n_train, y_valid, proba, train_seconds, device, num_parameters)
     summary.update(extra or {})
     with phases("pictures"):
-        write_pictures(run_dir, proba, x_valid, y_valid, num_classes)
+        write_pictures(run_dir, proba, x_valid, y_valid, num_classes,
+                       history=(history.epochs, f"{config.model}: {run_dir.name}"))
     here = history.epochs[first_epoch:]  # the epochs trained by this process
     training = sum(r["train_seconds"] for r in here)
     epochs = {"training": training, "validation": sum(r["seconds"] for r in here) - training}
