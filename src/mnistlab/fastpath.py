@@ -23,30 +23,22 @@ from . import kernels
 PARAMS = ("features.0.weight", "features.1.weight", "features.1.bias", "features.3.weight", "features.4.weight",
           "features.4.bias", "features.6.weight", "features.7.weight", "features.7.bias", "head.weight", "head.bias")
 BATCHNORMS = ("features.1", "features.4", "features.7")
-SHAPES = {"features.0.weight": (16, 1, 5, 5), "features.1.weight": (16,), "features.1.bias": (16,),
-          "features.3.weight": (32, 16, 3, 3), "features.4.weight": (32,), "features.4.bias": (32,),
-          "features.6.weight": (64, 32, 3, 3), "features.7.weight": (64,), "features.7.bias": (64,)}
 POSITIONS = (196, 49, 16)  # values per channel and image at each BatchNorm (14x14, 7x7, 4x4)
 BN_MOMENTUM = 0.1
 
 
 class Buffers:
-    """The arrays one batch size needs, reused from step to step."""
+    """The arrays one batch size needs, reused from step to step; the backward pass's only with ``training``."""
 
-    def __init__(self, n: int, classes: int):
+    def __init__(self, n: int, classes: int, training: bool = True):
         self.n = n
         self.saved = [np.empty((n, size), np.float32) for size in kernels.FAST_SAVED]
-        self.scratch = [np.empty((n, size), np.float32) for size in kernels.FAST_SCRATCH]
         self.feats = np.empty((n, kernels.FAST_FEATURES), np.float32)
         self.stats = np.zeros((6, 64), np.float32)
         self.logits = np.empty((n, classes), np.float32)
-        self.gfeat = np.empty((n, kernels.FAST_FEATURES), np.float32)
-
-
-def head(state: dict, feats: np.ndarray) -> np.ndarray:
-    """The linear head: logits (n, C) from the features (n, 1024)."""
-    w = np.ascontiguousarray(state["head.weight"], np.float32)
-    return kernels.fastcnn_head(feats, w, np.ascontiguousarray(state["head.bias"], np.float32))
+        if training:
+            self.scratch = [np.empty((n, size), np.float32) for size in kernels.FAST_SCRATCH]
+            self.gfeat = np.empty((n, kernels.FAST_FEATURES), np.float32)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -64,21 +56,34 @@ def running_stats(state: dict) -> np.ndarray:
     return stats
 
 
+def update_running(state: dict, stats: np.ndarray, n: int) -> None:
+    """BatchNorm's running statistics after a training step on ``n`` images, as PyTorch updates
+    them (momentum 0.1, unbiased variance), from the batch's ``stats`` (6, 64) the kernels return."""
+    for k, bn in enumerate(BATCHNORMS):
+        mean, var = state[f"{bn}.running_mean"], state[f"{bn}.running_var"]
+        c, m = len(mean), POSITIONS[k] * n
+        mean *= 1 - BN_MOMENTUM
+        mean += BN_MOMENTUM * stats[2 * k, :c]
+        var *= 1 - BN_MOMENTUM
+        var += BN_MOMENTUM * (stats[2 * k + 1, :c] * (m / max(m - 1, 1)))
+        state[f"{bn}.num_batches_tracked"][...] += 1
+
+
 def logits(state: dict, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """FastCNN in evaluation mode (BatchNorm with its running statistics): logits (n, C) of the
     images ``x`` (n, 784) or (n, 28, 28): float pixels in [0, 1), or uint8 (divided by 256)."""
-    params = [np.ascontiguousarray(state[k], np.float32) for k in PARAMS[:9]]
+    params = [np.ascontiguousarray(state[k], np.float32) for k in PARAMS]
     stats = running_stats(state)
-    out = np.empty((len(x), len(state["head.bias"])), np.float32)
+    out = np.empty((len(x), len(params[10])), np.float32)
     buffers = None
     for start in range(0, len(x), batch_size):
         xb = np.ascontiguousarray(x[start : start + batch_size], np.float32).reshape(-1, 784)
         if x.dtype == np.uint8:
             xb *= np.float32(1 / 256)
         if buffers is None or buffers.n != len(xb):
-            buffers = Buffers(len(xb), out.shape[1])
-        feats, _ = kernels.fastcnn_forward(xb, params, stats, True, buffers.saved, buffers.feats)
-        out[start : start + len(xb)] = head(state, feats)
+            buffers = Buffers(len(xb), out.shape[1], training=False)
+        feats, _ = kernels.fastcnn_forward(xb, params[:9], stats, True, buffers.saved, buffers.feats)
+        out[start : start + len(xb)] = kernels.fastcnn_head(feats, params[9], params[10], logits=buffers.logits)
     return out
 
 
@@ -130,19 +135,9 @@ class FastCNNStep:
         loss, gfeat, _, _ = kernels.fastcnn_head(feats, self.params[9], self.params[10], y, self.label_smoothing,
                                                  buf.logits, (buf.gfeat, self.grads[9], self.grads[10]))
         kernels.fastcnn_backward(self.params[:9], saved, buf.stats, gfeat, self.grads[:9], buf.scratch)
-        self._update_running(buf.stats, n)
+        update_running(self.state, buf.stats, n)
         self._sgd(lr)
         return loss
-
-    def _update_running(self, stats: np.ndarray, n: int) -> None:
-        for k, bn in enumerate(BATCHNORMS):
-            mean, var = self.state[f"{bn}.running_mean"], self.state[f"{bn}.running_var"]
-            c, m = len(mean), POSITIONS[k] * n
-            mean *= 1 - BN_MOMENTUM
-            mean += BN_MOMENTUM * stats[2 * k, :c]
-            var *= 1 - BN_MOMENTUM
-            var += BN_MOMENTUM * (stats[2 * k + 1, :c] * (m / max(m - 1, 1)))
-            self.state[f"{bn}.num_batches_tracked"][...] += 1
 
     def _sgd(self, lr: float) -> None:
         """``torch.optim.SGD.step()``: weight decay, (Nesterov) momentum, update."""

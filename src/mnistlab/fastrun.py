@@ -97,7 +97,7 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, forc
 def trained_here(run_dir: str | os.PathLike) -> bool:
     """Whether ``run_dir``'s checkpoint was written by this module (so ``--resume`` continues here)."""
     try:
-        return _read_meta(Path(run_dir) / STATE).get("engine") == ENGINE
+        return _read(Path(run_dir) / STATE, tensors=False)[0].get("engine") == ENGINE
     except RunError:
         return False
 
@@ -196,10 +196,11 @@ def write_state(run_dir: Path, state, buffers, shuffle: np.random.Generator, epo
     write_bytes_atomic(run_dir / STATE, save(tensors, metadata={"state": json.dumps(meta)}))
 
 
-def _read_meta(path: Path) -> dict:
+def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
+    """The checkpoint's metadata and, with ``tensors``, its arrays by name."""
     try:
         with safe_open(path, framework="numpy") as f:
-            return json.loads(f.metadata()["state"])
+            return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except FileNotFoundError:
         raise RunError(f"{path.parent}: no {STATE}; no epoch finished, nothing to resume") from None
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -209,11 +210,9 @@ def _read_meta(path: Path) -> dict:
 def load_state(run_dir: Path, config: TrainConfig):
     """What :func:`write_state` wrote: ``(state, momentum buffers, shuffling generator, per-epoch metrics)``."""
     path = run_dir / STATE
-    meta = _read_meta(path)
+    meta, tensors = _read(path, tensors=True)
     try:
-        with safe_open(path, framework="numpy") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[6:]: np.ascontiguousarray(v) for k, v in tensors.items() if k.startswith("model.")}
         missing = [k for k in fastpath.PARAMS if k not in state]
         if missing:
             raise KeyError(f"no weights {', '.join(missing)}")
@@ -222,6 +221,6 @@ def load_state(run_dir: Path, config: TrainConfig):
             buffers = [np.ascontiguousarray(tensors[f"opt.{i}.momentum_buffer"]) for i in range(len(fastpath.PARAMS))]
         shuffle = np.random.default_rng()
         shuffle.bit_generator.state = meta["shuffle"]
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        return state, buffers, shuffle, list(meta["epochs"])
+    except (ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path}: unreadable checkpoint ({exc})") from None
-    return {k: np.ascontiguousarray(v) for k, v in state.items()}, buffers, shuffle, list(meta["epochs"])

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import fastpath, kernels
+from .fastpath import BN_MOMENTUM
 from .kernels import available, cache_dir, library, why_unavailable  # noqa: F401 (this module's API)
 
 MAX_CLASSES = 16
@@ -123,7 +124,7 @@ def fast_supported(model: torch.nn.Module) -> bool:
     convs, bns = [c for c, _ in layers], [b for _, b in layers]
     return (
         [c.out_channels for c in convs] == [16, 32, 64]
-        and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum is not None for b in bns)
+        and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum == BN_MOMENTUM for b in bns)
         and model.MEAN == 0.1307
         and model.STD == 0.3081
     )
@@ -139,16 +140,13 @@ def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     for conv, bn in layers:
         args += [conv.weight, bn.weight, bn.bias]
     feats, stats = FastCNNFeatures.apply(*args)
-    count = {16: 196, 32: 49, 64: 16}
-    with torch.no_grad():
-        for k, (_, bn) in enumerate(layers):
-            c = bn.num_features
-            m = count[c] * len(x)  # values per channel in the batch
-            mean, var = stats[2 * k, :c], stats[2 * k + 1, :c]
-            bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
-            bn.running_var.mul_(1 - bn.momentum).add_(var * (m / max(m - 1, 1)), alpha=bn.momentum)
-            bn.num_batches_tracked.add_(1)
+    fastpath.update_running(_arrays(model), stats.numpy(), len(x))
     return model.head(feats)
+
+
+def _arrays(model: torch.nn.Module) -> dict:
+    """NumPy views of the model's weights and buffers, by ``state_dict`` name (CPU tensors)."""
+    return {k: t.numpy() for k, t in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -158,11 +156,9 @@ def fastcnn_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if len(x) == 0:
         return model(x)
     params = []
-    stats = torch.zeros(6, 64)
-    for k, (conv, bn) in enumerate(_conv_bn_layers(model)):
+    for conv, bn in _conv_bn_layers(model):
         params += [conv.weight.contiguous(), bn.weight.contiguous(), bn.bias.contiguous()]
-        stats[2 * k, : bn.num_features] = bn.running_mean
-        stats[2 * k + 1, : bn.num_features] = bn.running_var
+    stats = torch.from_numpy(fastpath.running_stats(_arrays(model)))
     return model.head(_fastcnn_forward(x, params, stats, given=True)[0])
 
 
@@ -182,7 +178,6 @@ def fast_trainer(model: torch.nn.Module, opt, label_smoothing: float = 0.0):
     """A :class:`~mnistlab.fastpath.FastCNNStep` that trains ``model`` (a FastCNN on the CPU) in
     place with ``opt`` (a :class:`~mnistlab.optim.SGD`, whose momentum buffers it uses), or None
     where the compiled kernels do not apply: then train through :func:`forward_for`."""
-    from . import fastpath
     from .optim import SGD
 
     if not (fast_supported(model) and isinstance(opt, SGD) and len(opt.param_groups) == 1 and available()):
@@ -205,6 +200,5 @@ def fast_trainer(model: torch.nn.Module, opt, label_smoothing: float = 0.0):
         if not all(b.dtype == torch.float32 and b.is_contiguous() and b.shape == p.shape for b, p in pairs):
             return None
         buffers = [b.numpy() for b in buffers]
-    arrays = {k: t.detach().numpy() for k, t in state.items()}
-    return fastpath.FastCNNStep(arrays, buffers, momentum=group["momentum"], nesterov=group["nesterov"],
+    return fastpath.FastCNNStep(_arrays(model), buffers, momentum=group["momentum"], nesterov=group["nesterov"],
                                 weight_decay=group["weight_decay"], label_smoothing=label_smoothing)
