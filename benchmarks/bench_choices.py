@@ -1,16 +1,16 @@
 """What each hardware choice is worth: training-step throughput under one change at a time.
 
-For the seed's CNN (batch 64) and the fast preset's model (batch 256), interleaved,
---repeats times each: our settings (the compiled kernels of mnistlab.native, for fastcnn
-whole steps without autograd as in training (mnistlab.fastpath), 2 threads, fp32, glibc
-malloc keeping freed memory) against the kernels through autograd (fastcnn), PyTorch's
+For the seed's CNN (batch 64), the fast preset's model (batch 256) and widecnn (batch 128),
+interleaved, --repeats times each: our settings (the compiled kernels of mnistlab.native, for
+the FastCNN models whole steps without autograd as in training (mnistlab.fastpath), 2 threads, fp32, glibc
+malloc keeping freed memory) against the kernels through autograd (FastCNN models), PyTorch's
 layers in their place (channels-last, eager), and with them the default NCHW layout, bf16 autocast and torch.compile; 1
 thread, other batch sizes (all in this process), and glibc's default malloc settings (in a
 child process, since they cannot be restored once changed). Each measurement is --steps
 training steps on real MNIST batches after a warm-up; the medians are reported as images/s
 and as a ratio to our settings.
 
-Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compile]
+Usage: python benchmarks/bench_choices.py [--steps 60] [--repeats 3] [--no-compile] [--models cnn,fastcnn,widecnn]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from mnistlab.optim import SGD
 
 def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False,
                      kernels=True, whole_step=True):
-    """Training images per second. With the kernels, ``fastcnn`` trains as ``fit`` does: whole
+    """Training images per second. With the kernels, the FastCNN models train as ``fit`` does: whole
     steps without autograd (mnistlab.fastpath); ``whole_step=False``: the kernels' forward and
     backward through autograd, with PyTorch's head, loss and optimizer."""
     torch.set_num_threads(threads)
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    parser.add_argument("--models", default="cnn,fastcnn,widecnn", help="which of cnn, fastcnn, widecnn")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     ds = load_dataset()
@@ -95,7 +96,7 @@ def main() -> None:
     keep_freed_memory()
     all_variants = [
         ("ours: compiled kernels, 2 threads, fp32, malloc keeps freed memory", {}),
-        ("the kernels through autograd, PyTorch's head, loss and SGD (fastcnn)", {"whole_step": False}),
+        ("the kernels through autograd, PyTorch's head, loss and SGD (FastCNN models)", {"whole_step": False}),
         ("PyTorch's layers (oneDNN convolutions) instead of mnistlab.native's kernels", {"kernels": False}),
         ("1 thread", {"threads": 1}),
         ("PyTorch's layers, NCHW (default layout)", {"channels_last": False, "kernels": False}),
@@ -109,8 +110,12 @@ def main() -> None:
     print(f"machine: {machine()}; {args.steps} steps, median of {args.repeats}")
     print("| model (batch) | variant | images/s | vs ours | warm-up s |")
     print("|---|---|---|---|---|")
-    for name, batch in (("cnn", 64), ("fastcnn", 256)):
-        variants = [v for v in all_variants if name == "fastcnn" or "(fastcnn)" not in v[0]]
+    batches = {"cnn": 64, "fastcnn": 256, "widecnn": 128}
+    for name in args.models.split(","):
+        if name not in batches:
+            parser.error(f"--models: unknown model {name!r}; expected some of: {', '.join(batches)}")
+    for name, batch in ((m, batches[m]) for m in args.models.split(",")):
+        variants = [v for v in all_variants if name != "cnn" or "(FastCNN models)" not in v[0]]
         rates = {label: [] for label, _ in variants}
         warms = {label: [] for label, _ in variants}
         for _ in range(args.repeats):

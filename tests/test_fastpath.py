@@ -39,12 +39,13 @@ def test_head_loss_and_gradients_match_pytorch(n, classes, smoothing):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("n", "momentum", "nesterov", "weight_decay", "smoothing"),
-                         [(7, 0.9, True, 5e-4, 0.1), (37, 0.9, False, 0.0, 0.0), (100, 0.0, False, 1e-3, 0.2)])
-def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing):
+@pytest.mark.parametrize(("n", "momentum", "nesterov", "weight_decay", "smoothing", "widths"),
+                         [(7, 0.9, True, 5e-4, 0.1, (16, 32, 64)), (37, 0.9, False, 0.0, 0.0, (16, 32, 64)),
+                          (100, 0.0, False, 1e-3, 0.2, (16, 32, 64)), (19, 0.9, True, 5e-4, 0.1, (32, 64, 128))])
+def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing, widths):
     """Three steps of the step function against autograd and torch.optim.SGD: weights, momentum
     buffers, running statistics and losses."""
-    model, twin = _pair(n)
+    model, twin = _pair(n, widths)
     reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov,
                                 weight_decay=weight_decay)
     opt = SGD(twin.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -64,11 +65,12 @@ def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing)
                 torch.testing.assert_close(opt.state[q]["momentum_buffer"], reference.state[p]["momentum_buffer"],
                                            rtol=1e-4, atol=1e-5)
     assert int(twin.features[1].num_batches_tracked) == 3
-    assert not torch.equal(twin.head.weight, _pair(n)[1].head.weight)  # it did train
+    assert not torch.equal(twin.head.weight, _pair(n, widths)[1].head.weight)  # it did train
 
 
-def test_evaluation_logits_match_pytorch():
-    model, _ = _pair(3)
+@pytest.mark.parametrize("widths", [(16, 32, 64), (32, 64, 128)])
+def test_evaluation_logits_match_pytorch(widths):
+    model, _ = _pair(3, widths)
     for _ in range(3):
         model(torch.rand(64, 784))  # move the running statistics
     model.eval()

@@ -132,27 +132,32 @@ def test_evaluation_uses_the_kernels_with_pytorchs_numbers(mnist, monkeypatch):
     np.testing.assert_allclose(proba, theirs["proba"], atol=1e-6)
 
 
-def _fastcnn_pair(seed):
+def _fastcnn_pair(seed, widths=(16, 32, 64)):
     torch.manual_seed(seed)
-    model = mnistlab.create_model("fastcnn")
+    model = mnistlab.models.FastCNN(widths=widths)
     with torch.no_grad():  # BatchNorm weights and biases away from their initial 1 and 0
         for m in model.features:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.add_(torch.randn_like(m.weight) * 0.2)
                 m.bias.add_(torch.randn_like(m.bias) * 0.2)
-    twin = mnistlab.create_model("fastcnn")
+    twin = mnistlab.models.FastCNN(widths=widths)
     twin.load_state_dict(model.state_dict())
     return model.train(), twin.train()
 
 
-@pytest.mark.parametrize("n", [1, 7, 37, 100])
-def test_fastcnn_training_step_matches_pytorch(n):
+# FastCNN's widths, widecnn's, and uneven ones (any multiples of 16 up to 128 run in the kernels)
+WIDTHS = [(16, 32, 64), (32, 64, 128), (48, 16, 112)]
+
+
+@pytest.mark.parametrize(("n", "widths"), [(1, WIDTHS[0]), (7, WIDTHS[0]), (37, WIDTHS[0]), (100, WIDTHS[0]),
+                                           (5, WIDTHS[1]), (33, WIDTHS[1]), (9, WIDTHS[2])])
+def test_fastcnn_training_step_matches_pytorch(n, widths):
     """Features, logits, every gradient and the BatchNorm running statistics, two steps in a row.
 
     The two compute BatchNorm's output with different rounding (~1e-6), so over enough values an
     activation within that of 0 lands on the other side of a ReLU, and its gradient with it (at
     batch 256 of MNIST, about one value in a million); at these sizes none does."""
-    model, twin = _fastcnn_pair(n)
+    model, twin = _fastcnn_pair(n, widths)
     for step in range(2):
         x = torch.rand(n, 784)
         y = torch.randint(0, 10, (n,))
@@ -173,15 +178,18 @@ def test_fastcnn_kernels_only_for_the_registered_shape():
     model = mnistlab.create_model("fastcnn")
     assert native.forward_for(model.train(), x) is not model
     assert native.forward_for(model.eval(), x) is not model
-    other = mnistlab.models.FastCNN(widths=(8, 16, 32))
-    assert native.forward_for(other.train(), x) is other
+    assert native.forward_for(mnistlab.create_model("widecnn").train(), x).__class__.__name__ == "function"
+    for widths in [(8, 16, 32), (16, 32, 144), (16, 24, 64)]:  # not multiples of 16 up to 128
+        other = mnistlab.models.FastCNN(widths=widths)
+        assert native.forward_for(other.train(), x) is other, widths
     assert native.forward_for(mnistlab.create_model("bncnn"), x) is not None  # and others keep PyTorch's layers
     assert native.forward_for(mnistlab.create_model("bncnn"), x).__class__.__name__ == "BNCNN"
 
 
-def test_fastcnn_evaluation_mode_matches_pytorch():
+@pytest.mark.parametrize("widths", WIDTHS)
+def test_fastcnn_evaluation_mode_matches_pytorch(widths):
     """BatchNorm with running statistics (after a few training steps moved them), in evaluation mode."""
-    model, twin = _fastcnn_pair(5)
+    model, twin = _fastcnn_pair(5, widths)
     for _ in range(3):
         model(torch.rand(64, 784))  # training-mode passes update the running statistics
     model.eval()
@@ -192,9 +200,12 @@ def test_fastcnn_evaluation_mode_matches_pytorch():
         assert native.forward_for(model, x)(x).shape == (50, 10)
 
 
-def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch):
+@pytest.mark.parametrize(("name", "overrides", "batches"),
+                         [("fastcnn", {}, [256, 256, 256, 232]),
+                          ("widecnn", {"augment": "affine", "batch_size": 128}, [128] * 7 + [104])])
+def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch, name, overrides, batches):
     """The fast preset's recipe (at a gentler learning rate) for one short epoch, kernels on and off:
-    equal up to rounding."""
+    equal up to rounding; for widecnn with augmentation too (the same random maps both times)."""
     calls = []
     fast_trainer = native.fast_trainer
 
@@ -208,15 +219,16 @@ def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch):
 
     monkeypatch.setattr(native, "fast_trainer", counting)
     x, y = mnist.images, mnist.labels
-    config = mnistlab.TrainConfig.from_preset("fast", epochs=1, lr=0.05, schedule="constant", device="cpu")
+    config = mnistlab.TrainConfig.from_preset("fast", epochs=1, lr=0.05, schedule="constant", device="cpu",
+                                              **overrides)
     histories = []
     for use in (True, False):
         if not use:
             monkeypatch.setattr(native, "fast_supported", lambda model: False)
         torch.manual_seed(0)
-        model = mnistlab.create_model("fastcnn")
+        model = mnistlab.create_model(name)
         histories.append(mnistlab.fit(model, x[:1000], y[:1000], x[50000:50300], y[50000:50300], config))
-    assert calls == [256, 256, 256, 232]  # the first run's training batches; validation runs in eval mode
+    assert calls == batches  # the first run's training batches; validation runs in eval mode
     # equal up to rounding (and the odd ReLU flip, see above); another batch order moves the training loss by ~7%
     assert histories[0].train_loss == pytest.approx(histories[1].train_loss, rel=1e-3)
     assert histories[0].valid_loss == pytest.approx(histories[1].valid_loss, rel=1e-2)

@@ -1,4 +1,5 @@
-"""FastCNN's training step and evaluation without autograd: the compiled kernels
+"""FastCNN's training step and evaluation without autograd (any widths the kernels take:
+``fastcnn``, ``widecnn``): the compiled kernels
 (:mod:`mnistlab.kernels`) for the three conv/BatchNorm/ReLU layers, NumPy for the linear head,
 the cross-entropy loss and SGD.
 
@@ -30,15 +31,17 @@ BN_MOMENTUM = 0.1
 class Buffers:
     """The arrays one batch size needs, reused from step to step; the backward pass's only with ``training``."""
 
-    def __init__(self, n: int, classes: int, training: bool = True):
+    def __init__(self, n: int, classes: int, widths: tuple[int, int, int] = kernels.FAST_WIDTHS,
+                 training: bool = True):
         self.n = n
-        self.saved = [np.empty((n, size), np.float32) for size in kernels.FAST_SAVED]
-        self.feats = np.empty((n, kernels.FAST_FEATURES), np.float32)
-        self.stats = np.zeros((6, 64), np.float32)
+        features = kernels.fast_features(widths)
+        self.saved = [np.empty((n, size), np.float32) for size in kernels.fast_saved(widths)]
+        self.feats = np.empty((n, features), np.float32)
+        self.stats = np.zeros((6, kernels.MAX_WIDTH), np.float32)
         self.logits = np.empty((n, classes), np.float32)
         if training:
-            self.scratch = [np.empty((n, size), np.float32) for size in kernels.FAST_SCRATCH]
-            self.gfeat = np.empty((n, kernels.FAST_FEATURES), np.float32)
+            self.scratch = [np.empty((n, size), np.float32) for size in kernels.fast_scratch(widths)]
+            self.gfeat = np.empty((n, features), np.float32)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,8 +50,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def running_stats(state: dict) -> np.ndarray:
-    """The BatchNorm layers' running means and variances as the kernels take them, (6, 64)."""
-    stats = np.zeros((6, 64), np.float32)
+    """The BatchNorm layers' running means and variances as the kernels take them, (6, MAX_WIDTH)."""
+    stats = np.zeros((6, kernels.MAX_WIDTH), np.float32)
     for k, bn in enumerate(BATCHNORMS):
         c = len(state[f"{bn}.running_mean"])
         stats[2 * k, :c] = state[f"{bn}.running_mean"]
@@ -58,7 +61,7 @@ def running_stats(state: dict) -> np.ndarray:
 
 def update_running(state: dict, stats: np.ndarray, n: int) -> None:
     """BatchNorm's running statistics after a training step on ``n`` images, as PyTorch updates
-    them (momentum 0.1, unbiased variance), from the batch's ``stats`` (6, 64) the kernels return."""
+    them (momentum 0.1, unbiased variance), from the batch's ``stats`` (6, MAX_WIDTH) the kernels return."""
     for k, bn in enumerate(BATCHNORMS):
         mean, var = state[f"{bn}.running_mean"], state[f"{bn}.running_var"]
         c, m = len(mean), POSITIONS[k] * n
@@ -81,7 +84,7 @@ def logits(state: dict, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         if x.dtype == np.uint8:
             xb *= np.float32(1 / 256)
         if buffers is None or buffers.n != len(xb):
-            buffers = Buffers(len(xb), out.shape[1], training=False)
+            buffers = Buffers(len(xb), out.shape[1], kernels.param_widths(params), training=False)
         feats, _ = kernels.fastcnn_forward(xb, params[:9], stats, True, buffers.saved, buffers.feats)
         out[start : start + len(xb)] = kernels.fastcnn_head(feats, params[9], params[10], logits=buffers.logits)
     return out
@@ -127,7 +130,7 @@ class FastCNNStep:
         returns the batch's mean loss (cross-entropy with the label smoothing)."""
         n = len(x)
         if self._buffers is None or self._buffers.n != n:
-            self._buffers = Buffers(n, len(self.state["head.bias"]))
+            self._buffers = Buffers(n, len(self.state["head.bias"]), kernels.param_widths(self.params))
         buf = self._buffers
         x = np.ascontiguousarray(x, np.float32).reshape(n, 784)
         buf.stats.fill(0)

@@ -29,7 +29,7 @@ from safetensors.numpy import save
 
 from . import fastpath, kernels, rundir
 from .allocator import keep_freed_memory
-from .config import History, TrainConfig, TrainingDiverged
+from .config import FASTCNN_WIDTHS, History, TrainConfig, TrainingDiverged
 from .data import Dataset
 from .errors import RunError
 from .files import write_bytes_atomic, write_json_atomic
@@ -53,14 +53,15 @@ def _cpu(device: str) -> bool:
 
 
 def applies(config: TrainConfig) -> bool:
-    """Whether ``config`` trains here: FastCNN on the CPU, no augmentation, weight averaging or TTA,
-    and the compiled kernels available."""
-    return (config.model == "fastcnn" and config.augment == "none" and config.ema == 0 and not config.tta
+    """Whether ``config`` trains here: a FastCNN (``fastcnn``, ``widecnn``) on the CPU, no
+    augmentation, weight averaging or TTA, and the compiled kernels available."""
+    return (config.model in FASTCNN_WIDTHS and config.augment == "none" and config.ema == 0 and not config.tta
             and _cpu(config.device) and kernels.available())
 
 
-def init_state(seed: int, num_classes: int) -> dict[str, np.ndarray]:
-    """FastCNN's initial weights with PyTorch's default initialisation (convolutions and the linear
+def init_state(seed: int, num_classes: int,
+               widths: tuple[int, int, int] = kernels.FAST_WIDTHS) -> dict[str, np.ndarray]:
+    """A FastCNN's initial weights with PyTorch's default initialisation (convolutions and the linear
     layer uniform in +-1/sqrt(fan_in), BatchNorm weight 1, bias 0), drawn from NumPy's generator."""
     rng = np.random.default_rng(seed)
 
@@ -69,7 +70,8 @@ def init_state(seed: int, num_classes: int) -> dict[str, np.ndarray]:
         return rng.uniform(-bound, bound, shape).astype(np.float32)
 
     state = {}
-    for (conv, bn), (c_out, c_in, k) in zip(((0, 1), (3, 4), (6, 7)), ((16, 1, 5), (32, 16, 3), (64, 32, 3)),
+    c1, c2, c3 = widths
+    for (conv, bn), (c_out, c_in, k) in zip(((0, 1), (3, 4), (6, 7)), ((c1, 1, 5), (c2, c1, 3), (c3, c2, 3)),
                                              strict=True):
         state[f"features.{conv}.weight"] = uniform((c_out, c_in, k, k), c_in * k * k)
         state[f"features.{bn}.weight"] = np.ones(c_out, np.float32)
@@ -77,8 +79,9 @@ def init_state(seed: int, num_classes: int) -> dict[str, np.ndarray]:
         state[f"features.{bn}.running_mean"] = np.zeros(c_out, np.float32)
         state[f"features.{bn}.running_var"] = np.ones(c_out, np.float32)
         state[f"features.{bn}.num_batches_tracked"] = np.zeros((), np.int64)
-    state["head.weight"] = uniform((num_classes, kernels.FAST_FEATURES), kernels.FAST_FEATURES)
-    state["head.bias"] = uniform((num_classes,), kernels.FAST_FEATURES)
+    features = kernels.fast_features(widths)
+    state["head.weight"] = uniform((num_classes, features), features)
+    state["head.bias"] = uniform((num_classes,), features)
     return state
 
 
@@ -88,7 +91,7 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, forc
     """:func:`mnistlab.train_run` for a config that :func:`applies`; the result's model is None."""
     phases = Phases()
     config, ds, run_dir = rundir.start(config, out, force, dataset, phases, "cpu")
-    state = init_state(config.seed, ds.num_classes)
+    state = init_state(config.seed, ds.num_classes, FASTCNN_WIDTHS[config.model])
     buffers = [np.zeros_like(state[k]) for k in fastpath.PARAMS] if config.momentum else None
     shuffle = np.random.default_rng([config.seed, 1])  # the batches' order, apart from the weights' draws
     return _train(config, run_dir, ds, state, buffers, shuffle, History(), on_batch, on_epoch, phases)

@@ -93,11 +93,12 @@ def _build() -> ctypes.CDLL:
     f = ctypes.c_void_p
     lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
     lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
-    lib.fastcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 19
-    lib.fastcnn_backward.argtypes = [ctypes.c_int] + [f] * 29
+    lib.fastcnn_forward.argtypes = [ctypes.c_int] * 5 + [f] * 19
+    lib.fastcnn_backward.argtypes = [ctypes.c_int] * 4 + [f] * 29
     lib.fastcnn_head.argtypes = [ctypes.c_int] * 3 + [f] * 4 + [ctypes.c_float] + [f] * 5
-    for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_forward, lib.fastcnn_backward, lib.fastcnn_head):
+    for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_head):
         fn.restype = None
+    lib.fastcnn_forward.restype = lib.fastcnn_backward.restype = ctypes.c_int
     return lib
 
 
@@ -128,13 +129,36 @@ def why_unavailable() -> str | None:
     return _error
 
 
-# FastCNN's buffers per image, in floats (see csrc/fastcnn.c): what the forward pass saves for the
-# backward pass (the padded standardised input, and each layer's conv output and ReLU grid), and
-# the backward pass's scratch.
-FAST_SAVED = (31 * 31, 196 * 16, 225 * 16, 49 * 32, 81 * 32, 16 * 64, 16 * 64)
-FAST_SCRATCH = (16 * 64, 81 * 32, 49 * 32, 225 * 16, 196 * 16)
-FAST_WIDTHS = (16, 32, 64)
-FAST_FEATURES = 1024
+FAST_WIDTHS = (16, 32, 64)  # FastCNN's channels per conv layer; the kernels take any multiples of 16 up to:
+MAX_WIDTH = 128  # (csrc/fastcnn.c's SMAX), also the row length of the BatchNorm statistics (6, MAX_WIDTH)
+
+
+def fast_saved(widths: tuple[int, int, int] = FAST_WIDTHS) -> tuple[int, ...]:
+    """What FastCNN's forward pass saves for the backward pass, in floats per image (see
+    csrc/fastcnn.c): the padded standardised input, and each layer's conv output and ReLU grid."""
+    c1, c2, c3 = widths
+    return 31 * 31, 196 * c1, 225 * c1, 49 * c2, 81 * c2, 16 * c3, 16 * c3
+
+
+def fast_scratch(widths: tuple[int, int, int] = FAST_WIDTHS) -> tuple[int, ...]:
+    """The backward pass's scratch, in floats per image."""
+    c1, c2, c3 = widths
+    return 16 * c3, 81 * c2, 49 * c2, 225 * c1, 196 * c1
+
+
+def fast_features(widths: tuple[int, int, int] = FAST_WIDTHS) -> int:
+    """Features per image at the linear head: 4 x 4 positions of the last layer's channels."""
+    return 16 * widths[2]
+
+
+def widths_supported(widths) -> bool:
+    """Whether the kernels compute a FastCNN with these three widths."""
+    return len(widths) == 3 and all(isinstance(c, int) and 0 < c <= MAX_WIDTH and c % 16 == 0 for c in widths)
+
+
+def param_widths(params) -> tuple[int, int, int]:
+    """The widths of a FastCNN from its nine conv/BatchNorm arrays (w1, g1, b1, w2, ...)."""
+    return len(params[0]), len(params[3]), len(params[6])
 
 
 def _p(a: np.ndarray) -> int:
@@ -145,28 +169,32 @@ def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved
     """FastCNN's features for the float32 images ``x`` (n, 784) in [0, 1).
 
     ``params``: the nine float32 arrays w1, g1, b1, w2, g2, b2, w3, g3, b3 (conv weights,
-    BatchNorm weights and biases), C-contiguous. ``stats`` (6, 64) receives each BatchNorm's
-    batch mean and biased variance, or (``given``) holds the running ones. ``saved`` and
-    ``feats``, if given, are reused. Returns ``(feats (n, 1024), saved)``.
+    BatchNorm weights and biases), C-contiguous; their shapes give the widths. ``stats``
+    (6, MAX_WIDTH) receives each BatchNorm's batch mean and biased variance, or (``given``) holds
+    the running ones. ``saved`` and ``feats``, if given, are reused. Returns
+    ``(feats (n, 16 * C3), saved)``.
     """
-    n = len(x)
+    n, widths = len(x), param_widths(params)
     if saved is None:
-        saved = [np.empty((n, size), np.float32) for size in FAST_SAVED]
+        saved = [np.empty((n, size), np.float32) for size in fast_saved(widths)]
     if feats is None:
-        feats = np.empty((n, FAST_FEATURES), np.float32)
-    library().fastcnn_forward(n, int(given), _p(x), *map(_p, params), *map(_p, saved), _p(stats), _p(feats))
+        feats = np.empty((n, fast_features(widths)), np.float32)
+    if library().fastcnn_forward(n, int(given), *widths, _p(x), *map(_p, params), *map(_p, saved), _p(stats),
+                                 _p(feats)):
+        raise MemoryError("the compiled kernels ran out of memory")
     return feats, saved
 
 
 def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads, scratch=None) -> None:
     """Gradients of the nine ``params`` into ``grads`` (same shapes), from the gradient ``gfeat``
-    (n, 1024) at the features and what :func:`fastcnn_forward` saved in training mode."""
-    n = len(gfeat)
+    (n, 16 * C3) at the features and what :func:`fastcnn_forward` saved in training mode."""
+    n, widths = len(gfeat), param_widths(params)
     if scratch is None:
-        scratch = [np.empty((n, size), np.float32) for size in FAST_SCRATCH]
+        scratch = [np.empty((n, size), np.float32) for size in fast_scratch(widths)]
     w1, g1, _, w2, g2, _, w3, g3, _ = params
-    library().fastcnn_backward(n, *map(_p, (w1, g1, w2, g2, w3, g3)), *map(_p, saved), _p(stats), _p(gfeat),
-                               *map(_p, scratch), *map(_p, grads))
+    if library().fastcnn_backward(n, *widths, *map(_p, (w1, g1, w2, g2, w3, g3)), *map(_p, saved), _p(stats),
+                                  _p(gfeat), *map(_p, scratch), *map(_p, grads)):
+        raise MemoryError("the compiled kernels ran out of memory")
 
 
 def fastcnn_head(feats: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray | None = None,

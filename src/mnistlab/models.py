@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FASTCNN_WIDTHS
 from .errors import UsageError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -154,7 +155,14 @@ def cnn(num_classes: int = 10) -> nn.Module:
 @register_model
 def fastcnn(num_classes: int = 10) -> nn.Module:
     """Small BatchNorm CNN for ``--preset fast`` (:class:`FastCNN`)."""
-    return FastCNN(num_classes)
+    return FastCNN(num_classes, widths=FASTCNN_WIDTHS["fastcnn"])
+
+
+@register_model
+def widecnn(num_classes: int = 10) -> nn.Module:
+    """:class:`FastCNN` twice as wide (32, 64, 128 channels): about 2.3 million multiply-adds
+    per image and 114,000 parameters, between ``fastcnn`` (0.6 million) and ``bncnn`` (8 million)."""
+    return FastCNN(num_classes, widths=FASTCNN_WIDTHS["widecnn"])
 
 
 @register_model

@@ -2,10 +2,11 @@
 
 At the seed's batch of 64, oneDNN's kernels for these three small convolutions spend most of
 a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C files
-in ``csrc/`` compute the seed's CNN and the fast preset's FastCNN, forward and backward, in
-a few loops over 16-channel vectors. Here they become autograd functions (:func:`seedcnn`,
-:func:`fastcnn`), evaluation-mode forwards (:func:`fastcnn_eval`), and whole training steps
-on a FastCNN's own tensors (:func:`fast_trainer`); :func:`forward_for` picks what applies.
+in ``csrc/`` compute the seed's CNN and FastCNN (the fast preset's widths, ``widecnn``'s, any
+multiples of 16 up to 128), forward and backward, in a few loops over 16-channel vectors.
+Here they become autograd functions (:func:`seedcnn`, :func:`fastcnn`), evaluation-mode
+forwards (:func:`fastcnn_eval`), and whole training steps on a FastCNN's own tensors
+(:func:`fast_trainer`); :func:`forward_for` picks what applies.
 Without a compiler, or where it fails, :func:`available` is False and PyTorch's layers run.
 ``MNISTLAB_NATIVE=0`` turns the kernels off.
 
@@ -79,13 +80,13 @@ def seedcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FastCNNFeatures(torch.autograd.Function):
     """FastCNN's features in training mode (BatchNorm with the batch's statistics), with the
-    compiled kernels; returns the features (n, 1024) and the batch statistics (6, 64): mean and
+    compiled kernels; returns the features (n, 16 C3) and the batch statistics (6, MAX_WIDTH): mean and
     biased variance of each BatchNorm layer, for the running statistics."""
 
     @staticmethod
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, w3, g3, b3):
         params = [t.detach().contiguous() for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
-        stats = torch.zeros(6, 64)
+        stats = torch.zeros(6, kernels.MAX_WIDTH)
         feats, saved = _fastcnn_forward(x, params, stats, given=False)
         ctx.save_for_backward(*params, *saved, stats)
         ctx.mark_non_differentiable(stats)
@@ -101,8 +102,8 @@ class FastCNNFeatures(torch.autograd.Function):
 
 
 def _fastcnn_forward(x, params, stats, given: bool):
-    """The C forward pass: features (n, 1024) and the activations it saves for the backward pass.
-    ``stats`` (6, 64) receives the batch statistics, or (``given``) holds the running ones."""
+    """The C forward pass: features (n, 16 C3) and the activations it saves for the backward pass.
+    ``stats`` (6, MAX_WIDTH) receives the batch statistics, or (``given``) holds the running ones."""
     x = x.reshape(len(x), 784).contiguous()
     feats, saved = kernels.fastcnn_forward(x.numpy(), [t.numpy() for t in params], stats.numpy(), given)
     return torch.from_numpy(feats), [torch.from_numpy(a) for a in saved]
@@ -123,7 +124,7 @@ def fast_supported(model: torch.nn.Module) -> bool:
     layers = _conv_bn_layers(model)
     convs, bns = [c for c, _ in layers], [b for _, b in layers]
     return (
-        [c.out_channels for c in convs] == [16, 32, 64]
+        kernels.widths_supported(tuple(c.out_channels for c in convs))
         and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum == BN_MOMENTUM for b in bns)
         and model.MEAN == 0.1307
         and model.STD == 0.3081

@@ -1,9 +1,10 @@
-/* The fast preset's network (FastCNN) in training mode, features forward and backward.
+/* FastCNN (the fast preset's network, and widecnn) in training mode, features forward and backward.
  *
- * x standardised ((x - 0.1307) / 0.3081) -> conv 5x5 s2 p2 -> 14x14x16 -> BatchNorm -> ReLU
- * -> conv 3x3 s2 p1 -> 7x7x32 -> BatchNorm -> ReLU -> conv 3x3 s2 p1 -> 4x4x64 -> BatchNorm
- * -> ReLU -> features (n, 1024) in PyTorch's (channel, row, column) order. The linear head
- * stays in PyTorch. BatchNorm normalises with the batch's statistics (biased variance) as
+ * x standardised ((x - 0.1307) / 0.3081) -> conv 5x5 s2 p2 -> 14x14xC1 -> BatchNorm -> ReLU
+ * -> conv 3x3 s2 p1 -> 7x7xC2 -> BatchNorm -> ReLU -> conv 3x3 s2 p1 -> 4x4xC3 -> BatchNorm
+ * -> ReLU -> features (n, 16 C3) in PyTorch's (channel, row, column) order; fastcnn_head below
+ * computes the linear head. The widths C1, C2, C3 are multiples of 16 up to SMAX (FastCNN:
+ * 16, 32, 64). BatchNorm normalises with the batch's statistics (biased variance) as
  * PyTorch does in training mode; the batch means and variances are returned for the running
  * statistics, which the caller updates.
  *
@@ -19,6 +20,7 @@
 #define Q1 15 /* conv1's output (14x14) with one zero row and column in front, for conv2 */
 #define Q2 9  /* conv2's output (7x7) with a zero border, for conv3 */
 #define EPS 1e-5f
+#define SMAX 128 /* the widest layer; rows of the statistics arrays (6, SMAX) */
 
 static inline int fslice(int n, int k) { return (int)((long)n * k / FPARTS); }
 
@@ -29,17 +31,19 @@ static void pad_standardised(const float *x, float *xp) {
         for (int c = 0; c < 28; c++) xp[(r + 2) * XF + c + 2] = (x[r * 28 + c] - 0.1307f) * (1.0f / 0.3081f);
 }
 
-/* conv1 (5x5 s2, 1 -> 16, no bias) for g images: z (g, 196, 16) pre-normalisation. */
-INLINE void conv1_fwd(int g, const float *xp, const vec w[25], float *z) {
+/* conv1 (5x5 s2, 1 -> C1, no bias) for g images: z (g, 196, C1) pre-normalisation. w: [tap][C1/16]. */
+INLINE void conv1_fwd(int g, int C1, const float *xp, const vec *w, float *z) {
     for (int oy = 0; oy < 14; oy++)
-        for (int ox = 0; ox < 14; ox++) {
-            vec acc[G];
-            for (int j = 0; j < g; j++) acc[j] = zero();
-            for (int ky = 0; ky < 5; ky++)
-                for (int kx = 0; kx < 5; kx++)
-                    for (int j = 0; j < g; j++) fma_(&acc[j], xp[j * XF * XF + (2 * oy + ky) * XF + 2 * ox + kx], w[ky * 5 + kx]);
-            for (int j = 0; j < g; j++) store(z + ((long)j * 196 + oy * 14 + ox) * 16, acc[j]);
-        }
+        for (int ox = 0; ox < 14; ox++)
+            for (int c = 0; c < C1 / 16; c++) {
+                vec acc[G];
+                for (int j = 0; j < g; j++) acc[j] = zero();
+                for (int ky = 0; ky < 5; ky++)
+                    for (int kx = 0; kx < 5; kx++)
+                        for (int j = 0; j < g; j++)
+                            fma_(&acc[j], xp[j * XF * XF + (2 * oy + ky) * XF + 2 * ox + kx], w[(ky * 5 + kx) * (C1 / 16) + c]);
+                for (int j = 0; j < g; j++) store(z + ((long)j * 196 + oy * 14 + ox) * C1 + c * 16, acc[j]);
+            }
 }
 
 /* A 3x3 stride-2 conv, CI -> CO channels (multiples of 16), no bias, for g images: input grids
@@ -117,7 +121,7 @@ static void channel_sums(const float *z, long rows, int C, const float *mean, fl
 static void reduce_slices(const float *parts, int C, float scale, float *out) {
     for (int c = 0; c < C; c++) {
         float s = 0;
-        for (int k = 0; k < FPARTS; k++) s += parts[k * 64 + c];
+        for (int k = 0; k < FPARTS; k++) s += parts[k * SMAX + c];
         out[c] = s * scale;
     }
 }
@@ -130,7 +134,7 @@ static void batch_stats(int n, const float *z, int per, int C, float *part, floa
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
         channel_sums(z + (long)fslice(n, k) * per * C, (long)(fslice(n, k + 1) - fslice(n, k)) * per, C, mean,
-                     part + k * 64);
+                     part + k * SMAX);
     reduce_slices(part, C, 1.0f / ((float)n * per), var);
 }
 
@@ -138,7 +142,7 @@ static void batch_stats(int n, const float *z, int per, int C, float *part, floa
  * into the cells of grids of side `side` at offset `off` (per image `per` positions of side `ho`). */
 static void bn_relu(const float *z, long images, int ho, int C, const float *mean, const float *var,
                     const float *gamma, const float *beta, float *out, int side, int off) {
-    float scale[64], shift[64];
+    float scale[SMAX], shift[SMAX];
     for (int c = 0; c < C; c++) {
         scale[c] = gamma[c] / sqrtf(var[c] + EPS);
         shift[c] = beta[c] - mean[c] * scale[c];
@@ -155,31 +159,43 @@ static void bn_relu(const float *z, long images, int ho, int C, const float *mea
         }
 }
 
+/* The weights as vectors, in one allocation (not on a thread's stack: 186 KB for FastCNN). */
 typedef struct {
-    vec w1[25];           /* [tap] over 16 outputs */
-    vec w2[9 * 16 * 2];   /* [tap][16 in][2 output vectors] */
-    vec w2t[9 * 32 * 1];  /* [tap][32 out][1 input vector] */
-    vec w3[9 * 32 * 4];   /* [tap][32 in][4 output vectors] */
-    vec w3t[9 * 64 * 2];  /* [tap][64 out][2 input vectors] */
+    int c1, c2, c3;
+    vec *w1;  /* [tap][C1/16] */
+    vec *w2;  /* [tap][C1 in][C2/16 output vectors] */
+    vec *w2t; /* [tap][C2 out][C1/16 input vectors] */
+    vec *w3;  /* [tap][C2 in][C3/16 output vectors] */
+    vec *w3t; /* [tap][C3 out][C2/16 input vectors] */
+    vec *mem;
 } FWeights;
 
-static void fload(FWeights *W, const float *w1, const float *w2, const float *w3) {
-    for (int o = 0; o < 16; o++)
-        for (int t = 0; t < 25; t++) set_lane(&W->w1[t], o, w1[o * 25 + t]);
-    for (int o = 0; o < 32; o++)
-        for (int i = 0; i < 16; i++)
+static long conv_vecs(int CI, int CO, int taps) { return (long)taps * CI * (CO / 16); }
+
+/* 1 on success; 0 (nothing to free) where memory ran out. */
+static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3) {
+    long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
+    W->mem = aligned_alloc(64, (n1 + 2 * n2 + 2 * n3) * sizeof(vec));
+    if (!W->mem) return 0;
+    W->c1 = c1, W->c2 = c2, W->c3 = c3;
+    W->w1 = W->mem, W->w2 = W->w1 + n1, W->w2t = W->w2 + n2, W->w3 = W->w2t + n2, W->w3t = W->w3 + n3;
+    for (int o = 0; o < c1; o++)
+        for (int t = 0; t < 25; t++) set_lane(&W->w1[t * (c1 / 16) + o / 16], o % 16, w1[o * 25 + t]);
+    for (int o = 0; o < c2; o++)
+        for (int i = 0; i < c1; i++)
             for (int t = 0; t < 9; t++) {
-                float v = w2[(o * 16 + i) * 9 + t];
-                set_lane(&W->w2[(t * 16 + i) * 2 + o / 16], o % 16, v);
-                set_lane(&W->w2t[(t * 32 + o) * 1 + i / 16], i % 16, v);
+                float v = w2[(o * c1 + i) * 9 + t];
+                set_lane(&W->w2[(t * c1 + i) * (c2 / 16) + o / 16], o % 16, v);
+                set_lane(&W->w2t[(t * c2 + o) * (c1 / 16) + i / 16], i % 16, v);
             }
-    for (int o = 0; o < 64; o++)
-        for (int i = 0; i < 32; i++)
+    for (int o = 0; o < c3; o++)
+        for (int i = 0; i < c2; i++)
             for (int t = 0; t < 9; t++) {
-                float v = w3[(o * 32 + i) * 9 + t];
-                set_lane(&W->w3[(t * 32 + i) * 4 + o / 16], o % 16, v);
-                set_lane(&W->w3t[(t * 64 + o) * 2 + i / 16], i % 16, v);
+                float v = w3[(o * c2 + i) * 9 + t];
+                set_lane(&W->w3[(t * c2 + i) * (c3 / 16) + o / 16], o % 16, v);
+                set_lane(&W->w3t[(t * c3 + o) * (c2 / 16) + i / 16], i % 16, v);
             }
+    return 1;
 }
 
 /* Zero the cells of `images` grids of side `side` (C channels a cell) outside the interior
@@ -212,57 +228,59 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
     if (!given) channel_sums(z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, 0, sums);
 }
 
-/* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, 16),
- * h1 (n, 15*15, 16), z2 (n, 49, 32), h2 (n, 9*9, 32), z3 (n, 16, 64), h3 (n, 16, 64); stats
- * (6, 64): mean and biased variance of each BatchNorm; feats (n, 1024). With `given` (evaluation
- * mode), stats holds the running means and variances on entry and normalises instead. */
-void fastcnn_forward(int n, int given, const float *x, const float *w1, const float *g1, const float *b1, const float *w2,
-                     const float *g2, const float *b2, const float *w3, const float *g3, const float *b3, float *xp,
-                     float *z1, float *h1, float *z2, float *h2, float *z3, float *h3, float *stats, float *feats) {
-    FWeights *W = aligned_alloc(64, sizeof *W); /* 186 KB: not on a thread's stack */
-    if (!W) return;
-    fload(W, w1, w2, w3);
-    float part[FPARTS * 64];
-    float *mean1 = stats, *var1 = stats + 64, *mean2 = stats + 128, *var2 = stats + 192, *mean3 = stats + 256,
-          *var3 = stats + 320;
+/* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, C1),
+ * h1 (n, 15*15, C1), z2 (n, 49, C2), h2 (n, 9*9, C2), z3 (n, 16, C3), h3 (n, 16, C3); stats
+ * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With `given` (evaluation
+ * mode), stats holds the running means and variances on entry and normalises instead.
+ * Returns 0, or -1 where memory ran out (nothing written then). */
+int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, const float *w1, const float *g1,
+                    const float *b1, const float *w2, const float *g2, const float *b2, const float *w3, const float *g3,
+                    const float *b3, float *xp, float *z1, float *h1, float *z2, float *h2, float *z3, float *h3,
+                    float *stats, float *feats) {
+    FWeights W;
+    if (!fload(&W, c1, c2, c3, w1, w2, w3)) return -1;
+    float part[FPARTS * SMAX];
+    float *mean1 = stats, *var1 = stats + SMAX, *mean2 = stats + 2 * SMAX, *var2 = stats + 3 * SMAX,
+          *mean3 = stats + 4 * SMAX, *var3 = stats + 5 * SMAX;
     /* conv1 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         for (int b = fslice(n, k); b < fslice(n, k + 1); b++) pad_standardised(x + (long)b * 784, xp + (long)b * XF * XF);
-#define C1(g, b) conv1_fwd(g, xp + (long)(b) * XF * XF, W->w1, z1 + (long)(b) * 196 * 16)
+#define C1(g, b) conv1_fwd(g, c1, xp + (long)(b) * XF * XF, W.w1, z1 + (long)(b) * 196 * c1)
         GROUPS(fslice(n, k), fslice(n, k + 1), C1);
 #undef C1
         if (!given)
-            channel_sums(z1 + (long)fslice(n, k) * 196 * 16, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, 16, 0,
-                         part + k * 64);
+            channel_sums(z1 + (long)fslice(n, k) * 196 * c1, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, c1, 0,
+                         part + k * SMAX);
     }
-    if (!given) batch_stats(n, z1, 196, 16, part, mean1, var1);
+    if (!given) batch_stats(n, z1, 196, c1, part, mean1, var1);
     /* BN1 + ReLU into zero-bordered grids, conv2; the same for BN2 and conv3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, 16, 32, 14, 7, z1, mean1, var1, g1, b1, h1, W->w2, z2, part + k * 64);
-    if (!given) batch_stats(n, z2, 49, 32, part, mean2, var2);
+        fwd_layer(n, k, given, c1, c2, 14, 7, z1, mean1, var1, g1, b1, h1, W.w2, z2, part + k * SMAX);
+    if (!given) batch_stats(n, z2, 49, c2, part, mean2, var2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, 32, 64, 7, 4, z2, mean2, var2, g2, b2, h2, W->w3, z3, part + k * 64);
-    if (!given) batch_stats(n, z3, 16, 64, part, mean3, var3);
+        fwd_layer(n, k, given, c2, c3, 7, 4, z2, mean2, var2, g2, b2, h2, W.w3, z3, part + k * SMAX);
+    if (!given) batch_stats(n, z3, 16, c3, part, mean3, var3);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
-        bn_relu(z3 + a * 16 * 64, e - a, 4, 64, mean3, var3, g3, b3, h3 + a * 16 * 64, 4, 0);
+        bn_relu(z3 + a * 16 * c3, e - a, 4, c3, mean3, var3, g3, b3, h3 + a * 16 * c3, 4, 0);
         for (long j = a; j < e; j++)
             for (int p = 0; p < 16; p++)
-                for (int c = 0; c < 64; c++) feats[j * 1024 + c * 16 + p] = h3[(j * 16 + p) * 64 + c];
+                for (int c = 0; c < c3; c++) feats[j * 16 * c3 + c * 16 + p] = h3[(j * 16 + p) * c3 + c];
     }
-    free(W);
+    free(W.mem);
+    return 0;
 }
 
 /* BatchNorm + ReLU backward for one slice: gy (rows, C) holds the gradient at the ReLU's output
- * (masked here by h > 0 in place, h read at the grid cells as bn_relu wrote them); adds
- * sum(gy) and sum(gy * xhat) to sums (2, 64). inv: 1 / sqrt(var + eps) per channel. */
+ * (masked here by h > 0 in place, h read at the grid cells as bn_relu wrote them); writes
+ * sum(gy) and sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
 static void bn_back_sums(float *gy, const float *h, const float *z, long images, int ho, int C, int side, int off,
                          const float *mean, const float *inv, float *sums) {
-    float s0[64] = {0}, s1[64] = {0};
+    float s0[SMAX] = {0}, s1[SMAX] = {0};
     for (long j = 0; j < images; j++)
         for (int p = 0; p < ho * ho; p++) {
             long r = j * ho * ho + p;
@@ -278,18 +296,18 @@ static void bn_back_sums(float *gy, const float *h, const float *z, long images,
         }
     for (int c = 0; c < C; c++) {
         sums[c] = s0[c];
-        sums[64 + c] = s1[c];
+        sums[SMAX + c] = s1[c];
     }
 }
 
 /* dz = gamma / sqrt(var + eps) * (gy - mean(gy) - xhat * mean(gy * xhat)), in place over gy. */
 static void bn_back_apply(float *gy, const float *z, long rows, int C, const float *mean, const float *inv,
                           const float *gamma, const float *tot, float count) {
-    float a[64], m[64], k[64];
+    float a[SMAX], m[SMAX], k[SMAX];
     for (int c = 0; c < C; c++) {
         a[c] = gamma[c] * inv[c];
         m[c] = tot[c] / count;
-        k[c] = tot[64 + c] / count * inv[c];
+        k[c] = tot[SMAX + c] / count * inv[c];
     }
     for (long r = 0; r < rows; r++) {
         float *g = gy + r * C;
@@ -306,11 +324,11 @@ static void reduce_sums(const float *parts, int C, float *tot) {
     for (int c = 0; c < C; c++) {
         float a = 0, b = 0;
         for (int k = 0; k < FPARTS; k++) {
-            a += parts[k * 128 + c];
-            b += parts[k * 128 + 64 + c];
+            a += parts[k * 2 * SMAX + c];
+            b += parts[k * 2 * SMAX + SMAX + c];
         }
         tot[c] = a;
-        tot[64 + c] = b;
+        tot[SMAX + c] = b;
     }
 }
 
@@ -339,103 +357,107 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
 }
 
 /* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
- * biases. Scratch: gy3 (n, 16, 64), gh2 (n, 81, 32), gy2 (n, 49, 32), gh1 (n, 225, 16), gy1
- * (n, 196, 16). Outputs are overwritten: gw1 (16,1,5,5), gg1, gb1 (16), gw2 (32,16,3,3), gg2, gb2
- * (32), gw3 (64,32,3,3), gg3, gb3 (64). */
-void fastcnn_backward(int n, const float *w1, const float *g1, const float *w2, const float *g2, const float *w3,
-                      const float *g3, const float *xp, const float *z1, const float *h1, const float *z2,
-                      const float *h2, const float *z3, const float *h3, const float *stats, const float *gfeat,
-                      float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1, float *gg1, float *gb1,
-                      float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
-    FWeights *W = aligned_alloc(64, sizeof *W);
-    vec(*d1)[25] = aligned_alloc(64, FPARTS * sizeof *d1);
-    vec(*d2)[9 * 16 * 2] = aligned_alloc(64, FPARTS * sizeof *d2);
-    vec(*d3)[9 * 32 * 4] = aligned_alloc(64, FPARTS * sizeof *d3);
-    if (!W || !d1 || !d2 || !d3) {
-        free(W), free(d1), free(d2), free(d3);
-        return;
+ * biases. Scratch: gy3 (n, 16, C3), gh2 (n, 81, C2), gy2 (n, 49, C2), gh1 (n, 225, C1), gy1
+ * (n, 196, C1). Outputs are overwritten: gw1 (C1,1,5,5), gg1, gb1 (C1), gw2 (C2,C1,3,3), gg2, gb2
+ * (C2), gw3 (C3,C2,3,3), gg3, gb3 (C3). Returns 0, or -1 where memory ran out (nothing written then). */
+int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float *g1, const float *w2, const float *g2,
+                     const float *w3, const float *g3, const float *xp, const float *z1, const float *h1,
+                     const float *z2, const float *h2, const float *z3, const float *h3, const float *stats,
+                     const float *gfeat, float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1,
+                     float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
+    FWeights W;
+    const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
+    vec *d = aligned_alloc(64, FPARTS * (n1 + n2 + n3) * sizeof(vec)); /* each slice's weight gradients */
+    if (!d) return -1;
+    if (!fload(&W, c1, c2, c3, w1, w2, w3)) {
+        free(d);
+        return -1;
     }
-    fload(W, w1, w2, w3);
-    const float *mean1 = stats, *var1 = stats + 64, *mean2 = stats + 128, *var2 = stats + 192, *mean3 = stats + 256,
-                *var3 = stats + 320;
-    float part[FPARTS * 128], tot3[128], tot2[128], tot1[128], inv1[64], inv2[64], inv3[64];
-    inverse_std(var1, 16, inv1);
-    inverse_std(var2, 32, inv2);
-    inverse_std(var3, 64, inv3);
+    vec *d1 = d, *d2 = d1 + FPARTS * n1, *d3 = d2 + FPARTS * n2; /* slice k at + k * n1, n2, n3 */
+    const float *mean1 = stats, *var1 = stats + SMAX, *mean2 = stats + 2 * SMAX, *var2 = stats + 3 * SMAX,
+                *mean3 = stats + 4 * SMAX, *var3 = stats + 5 * SMAX;
+    float part[FPARTS * 2 * SMAX], tot3[2 * SMAX], tot2[2 * SMAX], tot1[2 * SMAX], inv1[SMAX], inv2[SMAX], inv3[SMAX];
+    inverse_std(var1, c1, inv1);
+    inverse_std(var2, c2, inv2);
+    inverse_std(var3, c3, inv3);
     /* BN3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
         for (long j = a; j < e; j++)
             for (int p = 0; p < 16; p++)
-                for (int c = 0; c < 64; c++) gy3[(j * 16 + p) * 64 + c] = gfeat[j * 1024 + c * 16 + p];
-        bn_back_sums(gy3 + a * 16 * 64, h3 + a * 16 * 64, z3 + a * 16 * 64, e - a, 4, 64, 4, 0, mean3, inv3,
-                     part + k * 128);
+                for (int c = 0; c < c3; c++) gy3[(j * 16 + p) * c3 + c] = gfeat[j * 16 * c3 + c * 16 + p];
+        bn_back_sums(gy3 + a * 16 * c3, h3 + a * 16 * c3, z3 + a * 16 * c3, e - a, 4, c3, 4, 0, mean3, inv3,
+                     part + k * 2 * SMAX);
     }
-    reduce_sums(part, 64, tot3);
+    reduce_sums(part, c3, tot3);
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, 32, 64, 7, 4, h2, W->w3t, gy3, z3, mean3, inv3, g3, tot3, gh2, d3[k], gy2, z2, mean2, inv2,
-                   part + k * 128);
-    reduce_sums(part, 32, tot2);
+        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
+                   inv2, part + k * 2 * SMAX);
+    reduce_sums(part, c2, tot2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, 16, 32, 14, 7, h1, W->w2t, gy2, z2, mean2, inv2, g2, tot2, gh1, d2[k], gy1, z1, mean1, inv1,
-                   part + k * 128);
-    reduce_sums(part, 16, tot1);
+        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
+                   inv1, part + k * 2 * SMAX);
+    reduce_sums(part, c1, tot1);
     /* conv1 backward (weights only) */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         long a = fslice(n, k), e = fslice(n, k + 1);
-        memset(d1[k], 0, sizeof d1[k]);
-        for (long j = a; j < e; j++) { /* image by image (its gradient stays in L1), tap by tap */
-            bn_back_apply(gy1 + j * 196 * 16, z1 + j * 196 * 16, 196, 16, mean1, inv1, g1, tot1, n * 196.0f);
-            for (int t = 0; t < 25; t++) {
-                const float *xj = xp + j * XF * XF + (t / 5) * XF + t % 5, *gj = gy1 + j * 196 * 16;
-                vec s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();
-                for (int oy = 0; oy < 14; oy += 2)
-                    for (int ox = 0; ox < 14; ox += 2) {
-                        const float *x0 = xj + 2 * oy * XF + 2 * ox, *x1 = x0 + 2 * XF, *g0 = gj + (oy * 14 + ox) * 16;
-                        fma_(&s0, x0[0], load(g0));
-                        fma_(&s1, x0[2], load(g0 + 16));
-                        fma_(&s2, x1[0], load(g0 + 14 * 16));
-                        fma_(&s3, x1[2], load(g0 + 15 * 16));
-                    }
-                add_(&s0, s1);
-                add_(&s2, s3);
-                add_(&s0, s2);
-                add_(&d1[k][t], s0);
-            }
+        vec *dk = d1 + k * n1;
+        memset(dk, 0, n1 * sizeof(vec));
+        for (long j = a; j < e; j++) { /* image by image (its gradient stays in cache), tap by tap */
+            bn_back_apply(gy1 + j * 196 * c1, z1 + j * 196 * c1, 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
+            for (int t = 0; t < 25; t++)
+                for (int c = 0; c < c1 / 16; c++) {
+                    const float *xj = xp + j * XF * XF + (t / 5) * XF + t % 5, *gj = gy1 + j * 196 * c1 + c * 16;
+                    vec s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();
+                    for (int oy = 0; oy < 14; oy += 2)
+                        for (int ox = 0; ox < 14; ox += 2) {
+                            const float *x0 = xj + 2 * oy * XF + 2 * ox, *x1 = x0 + 2 * XF, *g0 = gj + (oy * 14 + ox) * c1;
+                            fma_(&s0, x0[0], load(g0));
+                            fma_(&s1, x0[2], load(g0 + c1));
+                            fma_(&s2, x1[0], load(g0 + 14 * c1));
+                            fma_(&s3, x1[2], load(g0 + 15 * c1));
+                        }
+                    add_(&s0, s1);
+                    add_(&s2, s3);
+                    add_(&s0, s2);
+                    add_(&dk[t * (c1 / 16) + c], s0);
+                }
         }
     }
     /* sums over the slices, in order, into PyTorch's layouts */
     for (int k = 1; k < FPARTS; k++) {
-        for (int t = 0; t < 25; t++) add_(&d1[0][t], d1[k][t]);
-        for (int t = 0; t < 9 * 16 * 2; t++) add_(&d2[0][t], d2[k][t]);
-        for (int t = 0; t < 9 * 32 * 4; t++) add_(&d3[0][t], d3[k][t]);
+        for (long t = 0; t < n1; t++) add_(&d1[t], d1[k * n1 + t]);
+        for (long t = 0; t < n2; t++) add_(&d2[t], d2[k * n2 + t]);
+        for (long t = 0; t < n3; t++) add_(&d3[t], d3[k * n3 + t]);
     }
-    for (int o = 0; o < 16; o++)
-        for (int t = 0; t < 25; t++) gw1[o * 25 + t] = lane(d1[0][t], o);
-    for (int o = 0; o < 32; o++)
-        for (int i = 0; i < 16; i++)
-            for (int t = 0; t < 9; t++) gw2[(o * 16 + i) * 9 + t] = lane(d2[0][(t * 16 + i) * 2 + o / 16], o % 16);
-    for (int o = 0; o < 64; o++)
-        for (int i = 0; i < 32; i++)
-            for (int t = 0; t < 9; t++) gw3[(o * 32 + i) * 9 + t] = lane(d3[0][(t * 32 + i) * 4 + o / 16], o % 16);
-    for (int c = 0; c < 16; c++) {
+    for (int o = 0; o < c1; o++)
+        for (int t = 0; t < 25; t++) gw1[o * 25 + t] = lane(d1[t * (c1 / 16) + o / 16], o % 16);
+    for (int o = 0; o < c2; o++)
+        for (int i = 0; i < c1; i++)
+            for (int t = 0; t < 9; t++) gw2[(o * c1 + i) * 9 + t] = lane(d2[(t * c1 + i) * (c2 / 16) + o / 16], o % 16);
+    for (int o = 0; o < c3; o++)
+        for (int i = 0; i < c2; i++)
+            for (int t = 0; t < 9; t++) gw3[(o * c2 + i) * 9 + t] = lane(d3[(t * c2 + i) * (c3 / 16) + o / 16], o % 16);
+    for (int c = 0; c < c1; c++) {
         gb1[c] = tot1[c];
-        gg1[c] = tot1[64 + c];
+        gg1[c] = tot1[SMAX + c];
     }
-    for (int c = 0; c < 32; c++) {
+    for (int c = 0; c < c2; c++) {
         gb2[c] = tot2[c];
-        gg2[c] = tot2[64 + c];
+        gg2[c] = tot2[SMAX + c];
     }
-    for (int c = 0; c < 64; c++) {
+    for (int c = 0; c < c3; c++) {
         gb3[c] = tot3[c];
-        gg3[c] = tot3[64 + c];
+        gg3[c] = tot3[SMAX + c];
     }
-    free(W), free(d1), free(d2), free(d3);
+    free(W.mem);
+    free(d);
+    return 0;
 }
 
 /* The linear head on the features (n, F): logits (n, C) = feats w^T + b. With labels y (not NULL),
