@@ -89,3 +89,10 @@ def test_trainer_only_where_it_applies():
     assert native.fast_trainer(mnistlab.create_model("cnn"), SGD(model.parameters(), lr=0.1)) is None
     model.to(memory_format=torch.channels_last)
     assert native.fast_trainer(model, SGD(model.parameters(), lr=0.1)) is None  # weights not contiguous
+
+
+def test_kernels_refuse_widths_they_do_not_take():
+    model = mnistlab.models.FastCNN(widths=(16, 24, 64))  # 24: not a multiple of 16
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"widths \(16, 24, 64\): the kernels take multiples of 16 up to 128"):
+        fastpath.logits(state, np.zeros((2, 784), np.float32))

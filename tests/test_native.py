@@ -173,7 +173,7 @@ def test_fastcnn_training_step_matches_pytorch(n, widths):
     assert int(twin.features[1].num_batches_tracked) == 2
 
 
-def test_fastcnn_kernels_only_for_the_registered_shape():
+def test_fastcnn_kernels_only_for_the_widths_they_take():
     x = torch.rand(4, 784)
     model = mnistlab.create_model("fastcnn")
     assert native.forward_for(model.train(), x) is not model

@@ -157,8 +157,12 @@ def widths_supported(widths) -> bool:
 
 
 def param_widths(params) -> tuple[int, int, int]:
-    """The widths of a FastCNN from its nine conv/BatchNorm arrays (w1, g1, b1, w2, ...)."""
-    return len(params[0]), len(params[3]), len(params[6])
+    """The widths of a FastCNN from its nine conv/BatchNorm arrays (w1, g1, b1, w2, ...); a
+    ValueError where the kernels do not take them."""
+    widths = len(params[0]), len(params[3]), len(params[6])
+    if not widths_supported(widths):
+        raise ValueError(f"FastCNN widths {widths}: the kernels take multiples of 16 up to {MAX_WIDTH}")
+    return widths
 
 
 def _p(a: np.ndarray) -> int:
@@ -181,7 +185,7 @@ def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved
         feats = np.empty((n, fast_features(widths)), np.float32)
     if library().fastcnn_forward(n, int(given), *widths, _p(x), *map(_p, params), *map(_p, saved), _p(stats),
                                  _p(feats)):
-        raise MemoryError("the compiled kernels ran out of memory")
+        raise MemoryError("the compiled kernels could not allocate their buffers")
     return feats, saved
 
 
@@ -194,7 +198,7 @@ def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads,
     w1, g1, _, w2, g2, _, w3, g3, _ = params
     if library().fastcnn_backward(n, *widths, *map(_p, (w1, g1, w2, g2, w3, g3)), *map(_p, saved), _p(stats),
                                   _p(gfeat), *map(_p, scratch), *map(_p, grads)):
-        raise MemoryError("the compiled kernels ran out of memory")
+        raise MemoryError("the compiled kernels could not allocate their buffers")
 
 
 def fastcnn_head(feats: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray | None = None,

@@ -172,8 +172,11 @@ typedef struct {
 
 static long conv_vecs(int CI, int CO, int taps) { return (long)taps * CI * (CO / 16); }
 
-/* 1 on success; 0 (nothing to free) where memory ran out. */
+static int width_ok(int c) { return c > 0 && c <= SMAX && c % 16 == 0; }
+
+/* 1 on success; 0 (nothing to free) for widths the kernels do not take or where memory ran out. */
 static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3) {
+    if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3)) return 0;
     long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     W->mem = aligned_alloc(64, (n1 + 2 * n2 + 2 * n3) * sizeof(vec));
     if (!W->mem) return 0;
@@ -232,7 +235,7 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
  * h1 (n, 15*15, C1), z2 (n, 49, C2), h2 (n, 9*9, C2), z3 (n, 16, C3), h3 (n, 16, C3); stats
  * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With `given` (evaluation
  * mode), stats holds the running means and variances on entry and normalises instead.
- * Returns 0, or -1 where memory ran out (nothing written then). */
+ * Returns 0, or -1 for widths it does not take or where memory ran out (nothing written then). */
 int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, const float *w1, const float *g1,
                     const float *b1, const float *w2, const float *g2, const float *b2, const float *w3, const float *g3,
                     const float *b3, float *xp, float *z1, float *h1, float *z2, float *h2, float *z3, float *h3,
@@ -359,13 +362,15 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
 /* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
  * biases. Scratch: gy3 (n, 16, C3), gh2 (n, 81, C2), gy2 (n, 49, C2), gh1 (n, 225, C1), gy1
  * (n, 196, C1). Outputs are overwritten: gw1 (C1,1,5,5), gg1, gb1 (C1), gw2 (C2,C1,3,3), gg2, gb2
- * (C2), gw3 (C3,C2,3,3), gg3, gb3 (C3). Returns 0, or -1 where memory ran out (nothing written then). */
+ * (C2), gw3 (C3,C2,3,3), gg3, gb3 (C3). Returns 0, or -1 for widths it does not take or where
+ * memory ran out (nothing written then). */
 int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float *g1, const float *w2, const float *g2,
                      const float *w3, const float *g3, const float *xp, const float *z1, const float *h1,
                      const float *z2, const float *h2, const float *z3, const float *h3, const float *stats,
                      const float *gfeat, float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1,
                      float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
     FWeights W;
+    if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3)) return -1;
     const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     vec *d = aligned_alloc(64, FPARTS * (n1 + n2 + n3) * sizeof(vec)); /* each slice's weight gradients */
     if (!d) return -1;
