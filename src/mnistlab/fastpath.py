@@ -31,8 +31,7 @@ BN_MOMENTUM = 0.1
 class Buffers:
     """The arrays one batch size needs, reused from step to step; the backward pass's only with ``training``."""
 
-    def __init__(self, n: int, classes: int, widths: tuple[int, int, int] = kernels.FAST_WIDTHS,
-                 training: bool = True):
+    def __init__(self, n: int, classes: int, widths: tuple[int, int, int], training: bool = True):
         self.n = n
         features = kernels.fast_features(widths)
         self.saved = [np.empty((n, size), np.float32) for size in kernels.fast_saved(widths)]

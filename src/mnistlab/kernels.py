@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from .config import FASTCNN_WIDTHS
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
@@ -129,24 +130,24 @@ def why_unavailable() -> str | None:
     return _error
 
 
-FAST_WIDTHS = (16, 32, 64)  # FastCNN's channels per conv layer; the kernels take any multiples of 16 up to:
+FAST_WIDTHS = FASTCNN_WIDTHS["fastcnn"]  # FastCNN's channels per conv layer; the kernels take multiples of 16 up to:
 MAX_WIDTH = 128  # (csrc/fastcnn.c's SMAX), also the row length of the BatchNorm statistics (6, MAX_WIDTH)
 
 
-def fast_saved(widths: tuple[int, int, int] = FAST_WIDTHS) -> tuple[int, ...]:
+def fast_saved(widths: tuple[int, int, int]) -> tuple[int, ...]:
     """What FastCNN's forward pass saves for the backward pass, in floats per image (see
     csrc/fastcnn.c): the padded standardised input, and each layer's conv output and ReLU grid."""
     c1, c2, c3 = widths
     return 31 * 31, 196 * c1, 225 * c1, 49 * c2, 81 * c2, 16 * c3, 16 * c3
 
 
-def fast_scratch(widths: tuple[int, int, int] = FAST_WIDTHS) -> tuple[int, ...]:
+def fast_scratch(widths: tuple[int, int, int]) -> tuple[int, ...]:
     """The backward pass's scratch, in floats per image."""
     c1, c2, c3 = widths
     return 16 * c3, 81 * c2, 49 * c2, 225 * c1, 196 * c1
 
 
-def fast_features(widths: tuple[int, int, int] = FAST_WIDTHS) -> int:
+def fast_features(widths: tuple[int, int, int]) -> int:
     """Features per image at the linear head: 4 x 4 positions of the last layer's channels."""
     return 16 * widths[2]
 

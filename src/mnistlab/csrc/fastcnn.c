@@ -161,7 +161,6 @@ static void bn_relu(const float *z, long images, int ho, int C, const float *mea
 
 /* The weights as vectors, in one allocation (not on a thread's stack: 186 KB for FastCNN). */
 typedef struct {
-    int c1, c2, c3;
     vec *w1;  /* [tap][C1/16] */
     vec *w2;  /* [tap][C1 in][C2/16 output vectors] */
     vec *w2t; /* [tap][C2 out][C1/16 input vectors] */
@@ -180,7 +179,6 @@ static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const flo
     long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     W->mem = aligned_alloc(64, (n1 + 2 * n2 + 2 * n3) * sizeof(vec));
     if (!W->mem) return 0;
-    W->c1 = c1, W->c2 = c2, W->c3 = c3;
     W->w1 = W->mem, W->w2 = W->w1 + n1, W->w2t = W->w2 + n2, W->w3 = W->w2t + n2, W->w3t = W->w3 + n3;
     for (int o = 0; o < c1; o++)
         for (int t = 0; t < 25; t++) set_lane(&W->w1[t * (c1 / 16) + o / 16], o % 16, w1[o * 25 + t]);
