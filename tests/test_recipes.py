@@ -166,12 +166,20 @@ def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
     assert result["valid_acc"] == pytest.approx(expected)
     assert [m["valid_acc"] for m in result["members"]] == pytest.approx(
         [float((p.argmax(1) == y_valid).mean()) for p in probas])
+    wrong = [p.argmax(1) != y_valid for p in probas]
+    assert result["wrong_in"] == [int((wrong[0] ^ wrong[1]).sum()), int((wrong[0] & wrong[1]).sum())]
+    assert result["oracle_acc"] == pytest.approx(1 - float((wrong[0] & wrong[1]).mean()))
+    assert result["oracle_acc"] >= max(m["valid_acc"] for m in result["members"])
+    assert main(["ensemble", *runs]) == 0
+    both = result["wrong_in"][1]
+    assert f"(k: images): 1: {result['wrong_in'][0]}, 2: {both}; right in at least one run:" in capsys.readouterr().out
 
 
 def test_an_ensemble_of_one_run_is_that_run(mnist):
     result = ensemble([TRAINED], dataset=mnist)
     assert result["valid_acc"] == pytest.approx(0.9667, abs=1e-4)
-    assert result["members"][0]["valid_acc"] == result["valid_acc"]
+    assert result["members"][0]["valid_acc"] == result["valid_acc"] == result["oracle_acc"]
+    assert result["wrong_in"] == [round((1 - result["valid_acc"]) * result["n_valid"])]
 
 
 def test_ensemble_refuses_runs_of_different_splits(tmp_path, small_dir, capsys):

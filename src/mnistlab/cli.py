@@ -373,6 +373,10 @@ def cmd_ensemble(args) -> int:
     how = "mean probabilities" + (", test-time augmentation" if result["tta"] else "")
     print(f"ensemble of {len(result['members'])} ({how}): valid_acc {100 * result['valid_acc']:.2f}%  "
           f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
+    n = len(result["members"])
+    counts = ", ".join(f"{k + 1}: {c}" for k, c in enumerate(result["wrong_in"]))
+    print(f"images wrong in k of the {n} runs (k: images): {counts}; right in at least one run: "
+          f"{100 * result['oracle_acc']:.2f}%")
     return 0
 
 
