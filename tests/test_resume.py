@@ -25,7 +25,13 @@ def medium_dir(tmp_path_factory, mnist):
                          images[60000:62000], labels[60000:62000])
 
 
-def _train_cmd(data_dir, out, epochs=6):
+# Interrupted runs are this long: with the compiled kernels an epoch of the seed's CNN on these
+# 6,000 images takes about 0.1 s here, so 20 epochs leave about 2 s between the interruption and
+# the run's end (6 left a few tenths, and a fast moment let the run finish first).
+EPOCHS = 20
+
+
+def _train_cmd(data_dir, out, epochs=EPOCHS):
     return [sys.executable, "-m", "mnistlab", "train", "--data-dir", str(data_dir), "--epochs", str(epochs),
             "--out", str(out), "--device", "cpu"]
 
@@ -51,30 +57,32 @@ def _start_and_interrupt(cmd, run, sig):
     while not (run / "checkpoint.safetensors").exists():  # epoch 1 is done
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
         time.sleep(0.02)
-    time.sleep(0.15)  # inside epoch 2; the later epochs leave seconds of margin on a busy machine
+    time.sleep(0.15)  # inside epoch 2; the later epochs leave the margin (see EPOCHS)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema", "0.99"], ["--model", "fastcnn", "--batch-size", "32"]],
+@pytest.mark.parametrize(("extra", "epochs"),
+                         [([], EPOCHS), (["--ema", "0.99"], EPOCHS),
+                          (["--model", "fastcnn", "--batch-size", "32"], 6)],  # 0.45 s epochs: 6 are enough
                          ids=["plain", "ema", "fastpath"])
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir, extra):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir, extra, epochs):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_train_cmd(medium_dir, reference) + extra, check=True, capture_output=True)
-    code, _ = _start_and_interrupt(_train_cmd(medium_dir, killed) + extra, killed, signal.SIGKILL)
+    subprocess.run(_train_cmd(medium_dir, reference, epochs) + extra, check=True, capture_output=True)
+    code, _ = _start_and_interrupt(_train_cmd(medium_dir, killed, epochs) + extra, killed, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert not (killed / "summary.json").exists()  # an unfinished run is not passed off as complete
     done = len(_metrics(killed))
-    assert 1 <= done < 6
+    assert 1 <= done < epochs
     assert main(["train", "--resume", str(killed)]) == 0
     _assert_same_run(reference, killed)
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, medium_dir):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    subprocess.run(_train_cmd(medium_dir, reference, epochs=6), check=True, capture_output=True)
-    code, err = _start_and_interrupt(_train_cmd(medium_dir, stopped, epochs=6), stopped, signal.SIGINT)
+    subprocess.run(_train_cmd(medium_dir, reference), check=True, capture_output=True)
+    code, err = _start_and_interrupt(_train_cmd(medium_dir, stopped), stopped, signal.SIGINT)
     assert code == 130
     assert f"Resume with: mnistlab train --resume {stopped}" in err and "Traceback" not in err
     assert main(["train", "--resume", str(stopped)]) == 0
