@@ -111,10 +111,11 @@ def main() -> None:
     print("| model (batch) | variant | images/s | vs ours | warm-up s |")
     print("|---|---|---|---|---|")
     batches = {"cnn": 64, "fastcnn": 256, "widecnn": 128}
-    for name in args.models.split(","):
+    models = args.models.split(",")
+    for name in models:
         if name not in batches:
             parser.error(f"--models: unknown model {name!r}; expected some of: {', '.join(batches)}")
-    for name, batch in ((m, batches[m]) for m in args.models.split(",")):
+    for name, batch in ((m, batches[m]) for m in models):
         variants = [v for v in all_variants if name != "cnn" or "(FastCNN models)" not in v[0]]
         rates = {label: [] for label, _ in variants}
         warms = {label: [] for label, _ in variants}

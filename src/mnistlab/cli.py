@@ -371,9 +371,9 @@ def cmd_ensemble(args) -> int:
         print(f"{m['run_dir']}: valid_acc {100 * m['valid_acc']:.2f}%")
     print(f"members: {format_spread(result['member_acc'])}")
     how = "mean probabilities" + (", test-time augmentation" if result["tta"] else "")
-    print(f"ensemble of {len(result['members'])} ({how}): valid_acc {100 * result['valid_acc']:.2f}%  "
-          f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
     n = len(result["members"])
+    print(f"ensemble of {n} ({how}): valid_acc {100 * result['valid_acc']:.2f}%  "
+          f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
     counts = ", ".join(f"{k + 1}: {c}" for k, c in enumerate(result["wrong_in"]))
     print(f"images wrong in k of the {n} runs (k: images): {counts}; right in at least one run: "
           f"{100 * result['oracle_acc']:.2f}%")

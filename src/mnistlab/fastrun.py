@@ -60,7 +60,7 @@ def applies(config: TrainConfig) -> bool:
 
 
 def init_state(seed: int, num_classes: int,
-               widths: tuple[int, int, int] = kernels.FAST_WIDTHS) -> dict[str, np.ndarray]:
+               widths: tuple[int, int, int] = FASTCNN_WIDTHS["fastcnn"]) -> dict[str, np.ndarray]:
     """A FastCNN's initial weights with PyTorch's default initialisation (convolutions and the linear
     layer uniform in +-1/sqrt(fan_in), BatchNorm weight 1, bias 0), drawn from NumPy's generator."""
     rng = np.random.default_rng(seed)

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .config import FASTCNN_WIDTHS
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
@@ -130,8 +129,9 @@ def why_unavailable() -> str | None:
     return _error
 
 
-FAST_WIDTHS = FASTCNN_WIDTHS["fastcnn"]  # FastCNN's channels per conv layer; the kernels take multiples of 16 up to:
-MAX_WIDTH = 128  # (csrc/fastcnn.c's SMAX), also the row length of the BatchNorm statistics (6, MAX_WIDTH)
+# The FastCNN widths the kernels take: multiples of 16 up to MAX_WIDTH (csrc/fastcnn.c's SMAX),
+# also the row length of the BatchNorm statistics (6, MAX_WIDTH).
+MAX_WIDTH = 128
 
 
 def fast_saved(widths: tuple[int, int, int]) -> tuple[int, ...]:

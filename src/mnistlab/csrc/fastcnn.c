@@ -368,12 +368,11 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
                      const float *gfeat, float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1,
                      float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
     FWeights W;
-    if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3)) return -1;
+    if (!fload(&W, c1, c2, c3, w1, w2, w3)) return -1;
     const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     vec *d = aligned_alloc(64, FPARTS * (n1 + n2 + n3) * sizeof(vec)); /* each slice's weight gradients */
-    if (!d) return -1;
-    if (!fload(&W, c1, c2, c3, w1, w2, w3)) {
-        free(d);
+    if (!d) {
+        free(W.mem);
         return -1;
     }
     vec *d1 = d, *d2 = d1 + FPARTS * n1, *d3 = d2 + FPARTS * n2; /* slice k at + k * n1, n2, n3 */
