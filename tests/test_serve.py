@@ -47,6 +47,39 @@ def test_json_pixels_match_the_classifier(client, mnist, shape):
     assert np.allclose(body["probabilities"], expected, atol=1e-5)
 
 
+def test_fractions_and_bytes_are_one_image_over_http_and_in_python(client, mnist):
+    """X[i].tolist() from load_mnist() (fractions) and the same image as bytes 0..255 give one answer,
+    the one Classifier.predict gives for either form."""
+    classifier = mnistlab.load_run(TRAINED)
+    images = mnist.images[50000:50030]
+    fractions = images.astype(np.float32) / 256
+    expected = classifier.predict(images)
+    assert classifier.predict(fractions).tolist() == expected.tolist()
+    assert classifier.predict(images.astype(np.int64)).tolist() == expected.tolist()
+    for image, fraction, label in zip(images, fractions, expected, strict=True):
+        as_bytes = client.post("/predict", json={"pixels": image.tolist()}).json()
+        as_fractions = client.post("/predict", json={"pixels": fraction.tolist()}).json()
+        assert as_bytes["label"] == as_fractions["label"] == label
+        assert as_bytes["probabilities"] == as_fractions["probabilities"]
+        assert as_bytes["input"] == as_fractions["input"] == image.reshape(28, 28).tolist()
+    # 0..255 written with decimal points is not guessed at: a 422 that says how to send it
+    r = client.post("/predict", json={"pixels": [float(v) for v in images[0]]})
+    assert r.status_code == 422 and "[0, 1]" in r.json()["error"] and "0..255" in r.json()["error"]
+
+
+def test_openapi_documents_the_request_body_and_the_pixel_rule(client):
+    body = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    pixels = body["application/json"]["schema"]["properties"]["pixels"]
+    assert "0..255" in pixels["description"] and "[0, 1]" in pixels["description"]
+    examples = body["application/json"]["examples"]
+    for example in examples.values():  # every documented example is accepted and means the same digit
+        r = client.post("/predict", json=example["value"])
+        assert r.status_code == 200, r.text
+    answers = {k: client.post("/predict", json=e["value"]).json()["input"] for k, e in examples.items()}
+    assert answers["bytes"] == answers["fractions"]
+    assert {"multipart/form-data", "image/*"} <= set(body)
+
+
 def test_uploaded_image_file(client, mnist):
     page = redraw(mnist.images[50001], np.random.default_rng(0))
     buf = io.BytesIO()
@@ -73,6 +106,9 @@ def test_uploaded_image_file(client, mnist):
         ({"json": {"pixels": [True] * 784}}, 422, "finite numbers"),
         ({"json": {"pixels": 5}}, 422, "784 values"),
         ({"json": {"pixels": [300] * 784}}, 422, "0..255"),
+        ({"json": {"pixels": [-1] * 784}}, 422, "0..255"),
+        ({"json": {"pixels": [0.5] * 783 + [1.5]}}, 422, "[0, 1]"),
+        ({"json": {"pixels": [0.5] * 783 + [-0.1]}}, 422, "[0, 1]"),
         ({"json": {"image": []}}, 422, 'expected JSON {"pixels"'),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "invalid JSON"),
     ],
@@ -108,6 +144,7 @@ def _start_server(*extra):
     proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "serve", str(TRAINED), "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    assert proc.stdout.readline().decode() == f"serving {TRAINED} on {url}/ (Ctrl-C stops)\n"  # once bound
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -141,6 +178,28 @@ def test_several_worker_processes_answer(mnist):
         assert proc.wait(timeout=20) is not None
 
 
+def test_bad_ports_and_hosts_get_one_line_and_no_serving_message():
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "mnistlab", "serve", str(TRAINED), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    for port in ("0", "65536", "99999", "-1", "http"):
+        r = serve("--port", port)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "1-65535" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for workers in ("1", "2"):
+            r = serve("--port", port, "--workers", workers)
+            assert r.returncode == 1 and r.stdout == "", r.stdout
+            assert r.stderr == f"mnistlab serve: error: 127.0.0.1:{port} is in use; choose another --port\n"
+    r = serve("--host", "no-such-host.invalid", "--port", str(_free_port()))
+    assert r.returncode == 1 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert "no-such-host.invalid" in r.stderr and "resolve" in r.stderr
+
+
 def test_the_server_binds_to_loopback_by_default(server):
     assert server.startswith("http://127.0.0.1:")
     with urllib.request.urlopen(server + "/") as r:
@@ -165,6 +224,7 @@ def test_drawing_on_the_page_shows_a_prediction(server):
         page.wait_for_function("document.getElementById('label').dataset.label !== ''", timeout=10000)
         assert page.locator("#label").get_attribute("data-label") == "1"
         assert page.locator(".bar.top").get_attribute("data-class") == "1"
+        assert int(page.locator("#seen").get_attribute("data-ink")) > 20  # the prepared 28x28 image is shown
         page.click("#clear")
         assert page.locator("#label").inner_text() == "–"
         browser.close()

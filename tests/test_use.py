@@ -57,10 +57,31 @@ def test_preparation_matches_mnist_conventions(mnist):
     total = prepared.astype(np.float64).sum()
     cy = (np.arange(28)[:, None] * prepared).sum() / total
     cx = (np.arange(28)[None, :] * prepared).sum() / total
-    assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1  # centre of mass at the centre
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # centre of mass where MNIST's digits have it
     # Light ink on dark and dark ink on light give the same result.
     page = np.asarray(redraw(mnist.images[50000], np.random.default_rng(2)), dtype=np.float32)
     np.testing.assert_array_equal(prepare_array(page), prepare_array(255 - page))
+
+
+def _centres(images: np.ndarray) -> np.ndarray:
+    """Centre of mass (row, column) of each 28x28 image, 0-based pixel coordinates, (N, 2)."""
+    images = images.reshape(-1, 28, 28).astype(np.float64)
+    total = images.sum(axis=(1, 2))
+    rows = (images.sum(axis=2) * np.arange(28)).sum(axis=1) / total
+    cols = (images.sum(axis=1) * np.arange(28)).sum(axis=1) / total
+    return np.stack([rows, cols], axis=1)
+
+
+def test_prepared_digits_keep_mnists_centre_of_mass(mnist):
+    """Preparing MNIST's own digits, as they are and redrawn elsewhere at other sizes, puts their centre
+    of mass where MNIST has it: on average within a quarter pixel of the originals', each within one."""
+    originals = mnist.images[60000:60500]
+    rng = np.random.default_rng(4)
+    for pictures in (originals.reshape(-1, 28, 28), [np.asarray(redraw(im, rng), np.float32) for im in originals]):
+        prepared = np.stack([prepare_array(np.asarray(p, np.float32)) for p in pictures])
+        moved = _centres(prepared) - _centres(originals)
+        assert np.all(np.abs(moved.mean(axis=0)) < 0.25), moved.mean(axis=0)
+        assert np.all(np.abs(moved) < 1.0), np.abs(moved).max(axis=0)
 
 
 def test_classifier_accepts_every_documented_input(trained, mnist, tmp_path):
@@ -79,6 +100,10 @@ def test_classifier_accepts_every_documented_input(trained, mnist, tmp_path):
         classifier.predict(np.zeros((2, 10)))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         classifier.predict(np.full((1, 784), 3.0))
+    # integers are grayscale bytes, whatever their dtype; out of 0..255 they are refused
+    assert classifier.predict(x.astype(np.int32)).tolist() == expected.tolist()
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        classifier.predict(np.full((1, 784), 256))
 
 
 def test_predict_cli_on_image_files(trained, mnist, tmp_path, capsys):

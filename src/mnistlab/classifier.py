@@ -9,18 +9,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UsageError
 from .evaluation import logits
-from .prepare import prepare_image
+from .prepare import as_pixels, prepare_image
 from .runs import load_run_model
 
 
 class Classifier:
     """A trained model plus the input handling users need.
 
-    ``images`` may be an array of shape (N, 28, 28) or (N, 784) — uint8 pixels 0..255 or
-    floats in [0, 1], already MNIST-style — or a list of PIL images or file paths, which
-    are prepared the way MNIST's digits were (see :mod:`mnistlab.prepare`).
+    ``images`` may be an array of shape (N, 28, 28) or (N, 784), already MNIST-style —
+    integers are grayscale bytes 0..255, floats fractions in [0, 1] (byte / 256, as
+    ``load_mnist`` gives them; :func:`mnistlab.prepare.as_pixels`) — or a list of PIL images or
+    file paths, which are prepared the way MNIST's digits were (see :mod:`mnistlab.prepare`).
     """
 
     def __init__(self, model: torch.nn.Module, run_dir: Path | None = None):
@@ -34,21 +34,7 @@ class Classifier:
             images = [images]
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], pictures):
             return np.stack([prepare_image(im) for im in images]).reshape(-1, 784)
-        arr = np.asarray(images)
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise UsageError("images must be numbers, PIL images or file paths")
-        if arr.shape[-2:] == (28, 28):
-            arr = arr.reshape(-1, 784)
-        if arr.ndim == 1 and arr.size == 784:
-            arr = arr.reshape(1, 784)
-        if arr.ndim != 2 or arr.shape[1] != 784:
-            raise UsageError(f"images must have shape (N, 28, 28) or (N, 784), got {arr.shape}")
-        if arr.dtype == np.uint8:
-            return arr
-        arr = arr.astype(np.float32)
-        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1):
-            raise UsageError("float pixels must be finite and in [0, 1]; pass uint8 for 0..255")
-        return arr
+        return as_pixels(images)
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities, float32 (N, num_classes)."""

@@ -44,6 +44,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return value
+
+
 def seed_list(text: str) -> tuple[int, ...]:
     """'0,1,2' -> (0, 1, 2): distinct non-negative integers."""
     try:
@@ -182,7 +192,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a run over HTTP: POST /predict, GET /health, a page to draw on")
     p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="server processes, each with the model and one torch thread (default: 1)")
     p.set_defaults(func=cmd_serve)
@@ -521,8 +531,8 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     check_run_dir(args.run_dir)
-    print(f"serving {args.run_dir} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    serve(args.run_dir, args.host, args.port, args.workers)
+    serve(args.run_dir, args.host, args.port, args.workers,
+          on_ready=lambda url: print(f"serving {args.run_dir} on {url} (Ctrl-C stops)", flush=True))
     return 0
 
 

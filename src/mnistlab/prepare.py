@@ -23,6 +23,9 @@ MAX_BYTES = 20 * 1024 * 1024  # an uploaded or read file larger than this is ref
 MAX_PIXELS = 40_000_000  # width x height; larger images are refused before decoding (decompression bombs)
 BOX = 20  # the digit's longer side, in pixels
 SIDE = 28
+# Where MNIST's digits have their centre of mass, in 0-based pixel coordinates (row and column):
+# the mean over the 60,000 training images is row 13.996, column 14.007.
+CENTRE = 14.0
 
 
 class ImageError(DataError, ValueError):
@@ -115,8 +118,8 @@ def _center_of_mass_paste(small: np.ndarray) -> np.ndarray:
     total = small.sum()
     ys, xs = np.indices(small.shape)
     cy, cx = (ys * small).sum() / total, (xs * small).sum() / total
-    top = int(round(SIDE / 2 - 0.5 - cy))
-    left = int(round(SIDE / 2 - 0.5 - cx))
+    top = int(round(CENTRE - cy))
+    left = int(round(CENTRE - cx))
     top, left = min(max(top, 0), SIDE - h), min(max(left, 0), SIDE - w)
     out = np.zeros((SIDE, SIDE), np.float32)
     out[top : top + h, left : left + w] = small
@@ -127,3 +130,35 @@ def prepare_image(source, name: str = "image") -> np.ndarray:
     """A path, bytes or PIL image -> MNIST-style uint8 (28, 28)."""
     image = open_image(source, name)
     return prepare_array(to_gray(image), getattr(image, "filename", None) or name)
+
+
+def as_pixels(images, name: str = "images") -> np.ndarray:
+    """MNIST-style images as the models take them: (N, 784), uint8 0..255 or float32 in [0, 1].
+
+    One rule for every interface (Python, ``mnistlab serve``'s JSON): integer values are
+    grayscale bytes 0..255; floating-point values are MNIST-style fractions in [0, 1] (byte / 256,
+    as ``load_mnist`` gives them). ``images``: (N, 28, 28), (N, 784), one (28, 28) or one (784,).
+    """
+    arr = np.asarray(images)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ImageError(f"{name} must be numbers: integers 0..255 or floats in [0, 1]")
+    if arr.shape[-2:] == (28, 28):
+        arr = arr.reshape(-1, 784)
+    if arr.ndim == 1 and arr.size == 784:
+        arr = arr.reshape(1, 784)
+    if arr.ndim != 2 or arr.shape[1] != 784:
+        raise ImageError(f"{name} must have shape (N, 28, 28) or (N, 784), got {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ImageError(f"{name}: integer pixels are grayscale bytes and must lie in 0..255, got "
+                             f"{arr.min()}..{arr.max()}")
+        return arr.astype(np.uint8)
+    arr = arr.astype(np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        raise ImageError(f"{name}: pixel values must be finite numbers")
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise ImageError(f"{name}: fractional pixels are MNIST-style values in [0, 1] (byte / 256), got "
+                         f"{arr.min():g}..{arr.max():g}; send whole numbers 0..255 for grayscale bytes")
+    return arr

@@ -6,17 +6,19 @@ Checkpoints are loaded from safetensors + JSON: nothing is unpickled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 from importlib import resources
 
 import numpy as np
 import torch
 
 from .classifier import load_run
-from .errors import UsageError
+from .errors import MnistlabError, UsageError
 from .evaluation import prepare
-from .prepare import MAX_BYTES, ImageError, prepare_image
+from .prepare import MAX_BYTES, ImageError, as_pixels, prepare_image
 
 try:
     from fastapi import FastAPI, Request
@@ -33,7 +35,10 @@ class _BadRequest(Exception):
 
 
 def _pixels_from_json(body) -> np.ndarray:
-    """JSON ``{"pixels": ...}``: 784 values or 28 rows of 28, grayscale 0..255 with the ink bright."""
+    """JSON ``{"pixels": ...}``: 784 values or 28 rows of 28, the ink bright, by the rule of
+    :func:`mnistlab.prepare.as_pixels`: whole numbers (``0``, ``255``) are grayscale bytes 0..255;
+    if any value has a fraction or decimal point (``0.5``, ``1.0``), all are MNIST-style fractions
+    in [0, 1] (byte / 256, what ``load_mnist()`` and ``Classifier.predict`` take)."""
     if not isinstance(body, dict) or "pixels" not in body:
         raise _BadRequest(422, 'expected JSON {"pixels": [...]} with 784 values or 28x28 nested lists')
     try:
@@ -44,12 +49,39 @@ def _pixels_from_json(body) -> np.ndarray:
         if arr is not None and arr.dtype.kind in "iuf":
             raise _BadRequest(422, f"pixels must hold 784 values (flat or 28x28), got shape {list(arr.shape)}")
         raise _BadRequest(422, "pixels must be finite numbers: a list of 784, or 28 lists of 28")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise _BadRequest(422, "pixels must be finite numbers")
-    if arr.min() < 0 or arr.max() > 255:
-        raise _BadRequest(422, "pixel values must lie in 0..255")
-    return (arr / 256).reshape(1, 784)
+    try:
+        return as_pixels(arr, "pixels")
+    except ImageError as exc:
+        raise _BadRequest(422, str(exc)) from None
+
+
+_PIXELS_RULE = ("784 values, or 28 lists of 28, the ink bright. Whole numbers are grayscale bytes 0..255; if any "
+                "value has a decimal point, all are MNIST-style fractions in [0, 1] (byte / 256), as load_mnist() "
+                "gives them and Classifier.predict takes them. Convert fractions to bytes with round(v * 256), "
+                "at most 255.")
+_EXAMPLE = np.zeros((28, 28), np.uint8)
+_EXAMPLE[4:24, 13:16] = 255  # a "1"
+_REQUEST_BODY = {
+    "description": "An image file (any format Pillow reads, any size, dark ink on light paper or the reverse), "
+                   "as the raw body or the multipart field 'file'; or JSON pixels of an MNIST-style image.",
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "required": ["pixels"], "properties": {"pixels": {
+                "description": _PIXELS_RULE, "oneOf": [
+                    {"type": "array", "items": {"type": "number"}, "minItems": 784, "maxItems": 784},
+                    {"type": "array", "minItems": 28, "maxItems": 28,
+                     "items": {"type": "array", "items": {"type": "number"}, "minItems": 28, "maxItems": 28}}]}}},
+            "examples": {
+                "bytes": {"summary": "grayscale bytes 0..255", "value": {"pixels": _EXAMPLE.tolist()}},
+                "fractions": {"summary": "MNIST-style fractions in [0, 1] (byte / 256)",
+                              "value": {"pixels": (_EXAMPLE / 256).round(4).tolist()}},
+            },
+        },
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "string", "format": "binary"}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 def create_app(run_dir: str | os.PathLike):
@@ -73,13 +105,23 @@ def create_app(run_dir: str | os.PathLike):
     def health() -> dict:
         return {"status": "ok", "model": name}
 
-    @app.post("/predict", response_model=None, responses={200: {"description": "the label and all probabilities",
-                                                             "content": {"application/json": {"example": {
-                                                                 "label": 7, "probabilities": [0.0] * 10}}}}})
+    @app.post("/predict", response_model=None, openapi_extra={"requestBody": _REQUEST_BODY},
+              responses={200: {"description": "the label, all probabilities and the 28x28 image the model saw",
+                               "content": {"application/json": {"example": {
+                                   "label": 7, "probabilities": [0.0] * 7 + [1.0, 0.0, 0.0],
+                                   "input": [[0] * 28] * 28}}}},
+                         422: {"description": "a body that is not an image, or pixels out of range",
+                               "content": {"application/json": {"example": {"error": "pixels: ..."}}}}})
     async def predict(request: Request) -> Response:
         """An uploaded image file (multipart field ``file``, or the raw bytes) or JSON ``{"pixels": ...}``.
 
-        Answers ``{"label": int, "probabilities": [float, ...]}`` (one per class).
+        JSON pixels: whole numbers are grayscale bytes 0..255 (``{"pixels": [0, 0, 255, ...]}``);
+        if any value has a decimal point, all are MNIST-style fractions in [0, 1] (byte / 256,
+        ``{"pixels": [0.0, 0.5, 0.99, ...]}``), as ``mnistlab.load_run(run).predict`` takes them.
+        Image files are prepared as MNIST's digits were (inverted if light, cropped, 20 px, centred).
+
+        Answers ``{"label": int, "probabilities": [float, ...] (one per class), "input": [[int] * 28] * 28}``:
+        ``input`` is the 28x28 image the model saw, grayscale 0..255 (bytes; fractions times 256).
         """
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
@@ -100,7 +142,9 @@ def create_app(run_dir: str | os.PathLike):
         with torch.inference_mode():  # one (1, 784) image, uint8 or floats in [0, 1): straight to the model
             proba = torch.softmax(model(prepare(torch.from_numpy(pixels))).float(), dim=1)[0].tolist()
         label = max(range(len(proba)), key=proba.__getitem__)
-        body = json.dumps({"label": label, "probabilities": [round(p, 6) for p in proba]})
+        seen = pixels if pixels.dtype == np.uint8 else np.minimum(np.round(pixels * 256), 255).astype(np.uint8)
+        body = json.dumps({"label": label, "probabilities": [round(p, 6) for p in proba],
+                           "input": seen.reshape(28, 28).tolist()})
         return Response(body, media_type="application/json")  # skips FastAPI's generic serialisation
 
     return app
@@ -133,13 +177,54 @@ def app_from_env():
     return create_app(os.environ[RUN_DIR_ENV])
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port``, or one line saying why not (port in use, unknown host)."""
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected a port in 1..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise MnistlabError(f"--host {host}: cannot resolve it ({getattr(exc, 'strerror', None) or exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart after a stop
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise MnistlabError(f"{where} is in use; choose another --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise MnistlabError(f"--host {host}: not an address of this machine") from None
+        if exc.errno == errno.EACCES:
+            raise MnistlabError(f"{where}: permission denied (ports below 1024 need privileges); "
+                                f"choose another --port") from None
+        raise MnistlabError(f"{where}: cannot listen there ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          on_ready=None) -> None:
+    """Serve ``run_dir`` on ``host``:``port`` until interrupted. ``on_ready(url)`` is called once the
+    port is bound and the model loaded, before requests are taken."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if workers == 1:
-        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning")
+        app = app_from_env()
+        config = uvicorn.Config(app, log_level="warning")
     else:  # uvicorn starts the processes; each imports this module and builds its own app
         create_app(run_dir)  # a bad run directory fails here, once, with a clear message
-        uvicorn.run("mnistlab.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+        config = uvicorn.Config("mnistlab.serve:app_from_env", factory=True, workers=workers, log_level="warning")
+    sock = bind(host, port)
+    with sock:
+        if on_ready is not None:
+            shown = f"[{host}]" if ":" in host else host
+            on_ready(f"http://{shown}:{sock.getsockname()[1]}/")
+        if workers == 1:
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            Multiprocess(config, sockets=[sock]).run()
