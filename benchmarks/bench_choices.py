@@ -1,8 +1,8 @@
 """What each hardware choice is worth: training-step throughput under one change at a time.
 
 For the seed's CNN (batch 64), the fast preset's model (batch 256) and widecnn (batch 128),
-interleaved, --repeats times each: our settings (the compiled kernels of mnistlab.native, for
-the FastCNN models whole steps without autograd as in training (mnistlab.fastpath), 2 threads, fp32, glibc
+interleaved, --repeats times each: our settings (the compiled kernels, mnistlab.kernels; for
+the FastCNN models whole steps without autograd as the kernel engine trains them, 2 threads, fp32, glibc
 malloc keeping freed memory) against the kernels through autograd (FastCNN models), PyTorch's
 layers in their place (channels-last, eager), and with them the default NCHW layout, bf16 autocast and torch.compile; 1
 thread, other batch sizes (all in this process), and glibc's default malloc settings (in a
@@ -22,28 +22,39 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnistlab import native
-from mnistlab.allocator import keep_freed_memory
-from mnistlab.bench import machine
-from mnistlab.data import load_dataset
+from mnistlab.data.mnist import load_dataset
 from mnistlab.evaluation import prepare
+from mnistlab.kernels import autograd as native
+from mnistlab.kernels import build, fastcnn
+from mnistlab.lab.bench import machine
 from mnistlab.models import create_model
-from mnistlab.optim import SGD
+from mnistlab.train.allocator import keep_freed_memory
+from mnistlab.train.optim import SGD
+
+
+def kernel_step(model, momentum: float):
+    """The kernel engine's whole training step on NumPy views of ``model``'s tensors (FastCNN models),
+    or None where the kernels do not apply."""
+    if not (native.fast_supported(model) and build.available()):
+        return None
+    state = {k: t.numpy() for k, t in model.state_dict().items()}
+    return fastcnn.FastCNNStep(state, [np.zeros_like(state[k]) for k in fastcnn.PARAMS], momentum=momentum)
 
 
 def steps_per_second(name, batch, steps, x, y, threads=2, channels_last=True, bf16=False, compiled=False,
                      kernels=True, whole_step=True):
-    """Training images per second. With the kernels, the FastCNN models train as ``fit`` does: whole
-    steps without autograd (mnistlab.fastpath); ``whole_step=False``: the kernels' forward and
-    backward through autograd, with PyTorch's head, loss and optimizer."""
+    """Training images per second. With the kernels, the FastCNN models train as the kernel engine
+    does: whole steps without autograd (mnistlab.kernels.fastcnn); ``whole_step=False``: the
+    kernels' forward and backward through autograd, with PyTorch's head, loss and optimizer."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(name)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
-    stepper = native.fast_trainer(model, opt) if kernels and whole_step and not compiled else None
+    stepper = kernel_step(model, 0.9) if kernels and whole_step and not compiled else None
     if channels_last and stepper is None:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else native.forward_for(model, x[:1]) if kernels else model
@@ -97,7 +108,7 @@ def main() -> None:
     all_variants = [
         ("ours: compiled kernels, 2 threads, fp32, malloc keeps freed memory", {}),
         ("the kernels through autograd, PyTorch's head, loss and SGD (FastCNN models)", {"whole_step": False}),
-        ("PyTorch's layers (oneDNN convolutions) instead of mnistlab.native's kernels", {"kernels": False}),
+        ("PyTorch's layers (oneDNN convolutions) instead of the compiled kernels", {"kernels": False}),
         ("1 thread", {"threads": 1}),
         ("PyTorch's layers, NCHW (default layout)", {"channels_last": False, "kernels": False}),
         ("PyTorch's layers, bf16 autocast", {"bf16": True, "kernels": False}),

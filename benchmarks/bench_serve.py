@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 import mnistlab
-from mnistlab.data import load_dataset
+from mnistlab.data.mnist import load_dataset
 
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "tests" / "data" / "cnn-seed0"
 

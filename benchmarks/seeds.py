@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 import mnistlab
-from mnistlab.runs import load_split
-from mnistlab.train import TrainConfig
+from mnistlab.config import TrainConfig
+from mnistlab.run.rundir import load_split
 
 
 def main() -> None:

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnistlab.augment import affine_theta
-from mnistlab.evaluation import logits, shift_images
-from mnistlab.runs import load_run_model, load_split
+from mnistlab.data.shift import shift_images
+from mnistlab.evaluation import logits
+from mnistlab.models import load_model
+from mnistlab.run.rundir import load_split, read_config
+from mnistlab.train.augment import affine_theta
 
 
 def turned(x: torch.Tensor, degrees: float = 0.0, zoom: float = 1.0) -> torch.Tensor:
@@ -56,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     table = {name: [] for name in SETS}
     for run in args.run_dirs:
-        model, config = load_run_model(run)
-        _, _, x_valid, y_valid = load_split(config)
+        model = load_model(run)
+        _, _, x_valid, y_valid = load_split(read_config(run))
         x = torch.from_numpy(x_valid)
         proba = {v: torch.softmax(logits(model, view(x, v), 2048), dim=1).numpy() for v in VIEWS}
         for name, views in SETS.items():

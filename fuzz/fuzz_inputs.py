@@ -24,9 +24,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["mnistlab"]):
+    from mnistlab.data.idx import parse_idx
     from mnistlab.errors import DataError
-    from mnistlab.idx import parse_idx
-    from mnistlab.prepare import prepare_image
+    from mnistlab.use.prepare import prepare_image
 
 
 def fuzz_idx(data: bytes) -> None:
@@ -47,8 +47,8 @@ def seeds(target: str, folder: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from mnistlab.data import load_dataset
-    from mnistlab.idx import encode_idx
+    from mnistlab.data.idx import encode_idx
+    from mnistlab.data.mnist import load_dataset
 
     ds = load_dataset()
     if target == "idx":

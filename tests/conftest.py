@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mnistlab.data import load_dataset
-from mnistlab.idx import write_idx
+from mnistlab.data.idx import write_idx
+from mnistlab.data.mnist import load_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnistlab.allocator import keep_freed_memory
 from mnistlab.evaluation import prepare
 from mnistlab.models import create_model
-from mnistlab.optim import SGD
+from mnistlab.train.allocator import keep_freed_memory
+from mnistlab.train.optim import SGD
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="mallopt thresholds are glibc's")

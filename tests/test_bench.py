@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from mnistlab import bench, reference
 from mnistlab.errors import RunError
+from mnistlab.lab import bench, reference
 from mnistlab.models import create_model
 
 from .test_cli import run_cli

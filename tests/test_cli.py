@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from mnistlab import data
 from mnistlab.cli import main
-from mnistlab.idx import encode_idx
+from mnistlab.data import mnist as data
+from mnistlab.data.idx import encode_idx
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_train_prints_epochs_and_the_grid(tmp_path, small_dir, capsys):
 
 
 def test_summary_times_the_runs_phases(run_dir):
-    from mnistlab.runs import TIMINGS
+    from mnistlab.run.summary import TIMINGS
 
     timings = json.loads((run_dir / "summary.json").read_text())["timings"]
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,11 +58,12 @@ def test_summary_times_the_runs_phases(run_dir):
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_the_final_scores_reuse_the_last_validation_unless_tta(tmp_path, small_dir, monkeypatch, tta):
-    from mnistlab import runs
+    from mnistlab.train import torch_engine
 
     calls = []
-    real = runs.predict_proba
-    monkeypatch.setattr(runs, "predict_proba", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = torch_engine.TorchEngine.predict_proba
+    monkeypatch.setattr(torch_engine.TorchEngine, "predict_proba",
+                        lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(small_dir), "--epochs", "1", "--out", str(out), "--device", "cpu"]
     assert main(args + (["--tta"] if tta else [])) == 0
@@ -227,3 +228,53 @@ def test_a_real_process_flushes_all_its_output_before_its_quick_exit(run_dir):
     failed = subprocess.run([sys.executable, "-m", "mnistlab", "evaluate", str(run_dir / "missing")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and failed.stderr.startswith("mnistlab evaluate: error: run directory not found")
+
+
+def test_a_collapsed_run_stops_in_one_line_and_keeps_the_last_good_epoch(tmp_path, small_dir, capsys):
+    """Dead ReLUs: the seed's CNN at --lr 1000 gives every image the same outputs; that stops the run
+    like a divergence. Resumed from a good epoch with the same learning rate, that epoch's files stay."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "cnn", "--out", str(run)]  # all of MNIST: 50,000 images an epoch, ~1 s
+    assert main([*base, "--epochs", "2", "--lr", "1000", "--data-dir", str(small_dir)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "collapsed" in err and "epoch 1" in err, err
+    assert "same outputs" in err and "lower learning rate than 1000.0 (--lr)" in err
+    assert not (run / "summary.json").exists()
+    # a healthy epoch, then the same run resumed with the peak learning rate of its schedule raised
+    assert main([*base, "--epochs", "1", "--schedule", "onecycle", "--force"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 3, "lr": 1000.0}))
+    (run / "summary.json").unlink()
+    kept = {name: (run / name).read_bytes() for name in ("checkpoint.safetensors", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "collapsed: after epoch 2" in err, err
+    assert {name: (run / name).read_bytes() for name in kept} == kept  # the last good epoch's checkpoint
+
+
+@pytest.mark.parametrize("args", [["--model", "cnn", "--lr", "0.001"], ["--model", "linear", "--lr", "0.0001"],
+                                  ["--preset", "fast", "--lr", "0.001"]])
+def test_slow_healthy_runs_are_not_taken_for_collapsed(tmp_path, small_dir, args):
+    assert main(["train", *args, "--epochs", "1", "--data-dir", str(small_dir), "--out", str(tmp_path / "r")]) == 0
+
+
+def test_a_diverging_fast_run_prints_its_one_line_and_no_warnings(tmp_path, small_dir):
+    out = subprocess.run([sys.executable, "-W", "default", "-m", "mnistlab", "train", "--preset", "fast", "--lr",
+                          "1e30", "--data-dir", str(small_dir), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.startswith("mnistlab train: error: training diverged") and out.stderr.count("\n") == 1, \
+        out.stderr
+
+
+def test_commands_that_only_read_run_files_do_not_import_torch(run_dir, tmp_path):
+    code = ("import sys; from mnistlab.cli import main; "
+            f"codes = [main(['report', {str(run_dir)!r}, '--out', {str(tmp_path / 'r.html')!r}]), "
+            f"main(['compare', {str(run_dir)!r}, '--out', {str(tmp_path / 'c.png')!r}]), "
+            f"main(['show', '--grid', '2', '3', '--out', {str(tmp_path / 's.png')!r}])]; "
+            "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines()[-1] == "[0, 0, 0] False", done.stdout + done.stderr
+    for name in ("r.html", "c.png", "s.png"):
+        assert (tmp_path / name).stat().st_size > 1000

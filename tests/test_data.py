@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import mnistlab
-from mnistlab import data
+from mnistlab.data import mnist as data
+from mnistlab.data.idx import encode_idx, parse_idx, read_bytes
 from mnistlab.errors import DataError, UsageError
-from mnistlab.idx import encode_idx
 
 from .conftest import write_idx_dir
 
@@ -71,7 +71,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
 def test_hash_mismatch_on_shipped_files_is_reported(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     shutil.copytree(data.SHIPPED_DIR, shipped)
-    labels = data.parse_idx(data.read_bytes(shipped / "train-labels-idx1-ubyte.gz")).copy()
+    labels = parse_idx(read_bytes(shipped / "train-labels-idx1-ubyte.gz")).copy()
     labels[0] = 3  # a valid IDX file whose content is not MNIST's
     import gzip
     (shipped / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(labels)))

@@ -1,4 +1,4 @@
-"""FastCNN's steps without autograd (mnistlab.fastpath, kernels.fastcnn_head) against PyTorch."""
+"""FastCNN's steps without autograd (mnistlab.kernels.fastcnn, calls.fastcnn_head) against PyTorch."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import mnistlab
-from mnistlab import fastpath, kernels, native
-from mnistlab.optim import SGD
+from mnistlab.kernels import build, calls, fastcnn
 
 from .test_native import _fastcnn_pair as _pair
 
 
 @pytest.fixture(autouse=True)
 def _kernels():
-    if not native.available():
-        pytest.skip(f"no compiled kernels: {native.why_unavailable()}")
+    if not build.available():
+        pytest.skip(f"no compiled kernels: {build.why_unavailable()}")
 
 
 @pytest.mark.parametrize(("n", "classes", "smoothing"), [(1, 10, 0.0), (7, 3, 0.1), (100, 10, 0.1), (64, 16, 0.3)])
@@ -30,12 +29,12 @@ def test_head_loss_and_gradients_match_pytorch(n, classes, smoothing):
     loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
     loss.backward()
     w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
-    ours, gfeat, gw, gb = kernels.fastcnn_head(feats.detach().numpy(), w, b, y.numpy(), smoothing)
+    ours, gfeat, gw, gb = calls.fastcnn_head(feats.detach().numpy(), w, b, y.numpy(), smoothing)
     assert ours == pytest.approx(loss.item(), rel=1e-5)
     np.testing.assert_allclose(gfeat, feats.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(gw, head.weight.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(gb, head.bias.grad.numpy(), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(kernels.fastcnn_head(feats.detach().numpy(), w, b), logits.detach().numpy(),
+    np.testing.assert_allclose(calls.fastcnn_head(feats.detach().numpy(), w, b), logits.detach().numpy(),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -48,9 +47,10 @@ def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing,
     model, twin = _pair(n, widths)
     reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov,
                                 weight_decay=weight_decay)
-    opt = SGD(twin.parameters(), lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    stepper = native.fast_trainer(twin, opt, smoothing)
-    assert stepper is not None
+    state = {k: t.numpy() for k, t in twin.state_dict().items()}  # views: the step trains twin in place
+    buffers = [np.zeros_like(state[k]) for k in fastcnn.PARAMS] if momentum else None
+    stepper = fastcnn.FastCNNStep(state, buffers, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                  label_smoothing=smoothing)
     for step in range(3):
         x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
         loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
@@ -61,8 +61,8 @@ def test_sgd_steps_match_pytorch(n, momentum, nesterov, weight_decay, smoothing,
         for (name, want), got in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6, msg=f"step {step}: {name}")
         if momentum:
-            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-                torch.testing.assert_close(opt.state[q]["momentum_buffer"], reference.state[p]["momentum_buffer"],
+            for p, b in zip(model.parameters(), buffers, strict=True):
+                torch.testing.assert_close(torch.from_numpy(b), reference.state[p]["momentum_buffer"],
                                            rtol=1e-4, atol=1e-5)
     assert int(twin.features[1].num_batches_tracked) == 3
     assert not torch.equal(twin.head.weight, _pair(n, widths)[1].head.weight)  # it did train
@@ -77,22 +77,11 @@ def test_evaluation_logits_match_pytorch(widths):
     x = torch.rand(1100, 784)  # more than one chunk, and a partial one
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        np.testing.assert_allclose(fastpath.logits(state, x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-5)
-
-
-def test_trainer_only_where_it_applies():
-    model = mnistlab.create_model("fastcnn")
-    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
-    assert native.fast_trainer(model, opt) is not None
-    assert native.fast_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)) is None  # another optimizer
-    assert native.fast_trainer(model, SGD(list(model.parameters())[:-1], lr=0.1)) is None  # not all the weights
-    assert native.fast_trainer(mnistlab.create_model("cnn"), SGD(model.parameters(), lr=0.1)) is None
-    model.to(memory_format=torch.channels_last)
-    assert native.fast_trainer(model, SGD(model.parameters(), lr=0.1)) is None  # weights not contiguous
+        np.testing.assert_allclose(fastcnn.logits(state, x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_kernels_refuse_widths_they_do_not_take():
     model = mnistlab.models.FastCNN(widths=(16, 24, 64))  # 24: not a multiple of 16
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"widths \(16, 24, 64\): the kernels take multiples of 16 up to 128"):
-        fastpath.logits(state, np.zeros((2, 784), np.float32))
+        fastcnn.logits(state, np.zeros((2, 784), np.float32))

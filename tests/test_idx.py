@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
+from mnistlab.data.idx import encode_idx, parse_idx, read_idx, write_idx
 from mnistlab.errors import DataError
-from mnistlab.idx import encode_idx, parse_idx, read_idx, write_idx
 
 
 @settings(max_examples=50, deadline=None)

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import mnistlab
-from mnistlab import native
+from mnistlab.kernels import autograd as native
+from mnistlab.kernels import build
 
 
 @pytest.fixture(autouse=True)
 def _kernels():
     """Built (once, into the session's cache, see conftest.py) when the first test runs, not at collection."""
-    if not native.available():
-        pytest.skip(f"no compiled kernels: {native.why_unavailable()}")
+    if not build.available():
+        pytest.skip(f"no compiled kernels: {build.why_unavailable()}")
 
 
 def _grads(model, x, y, forward):
@@ -91,7 +92,7 @@ def _python(code, **env):
 
 
 def test_turned_off_by_the_environment_variable():
-    done = _python("from mnistlab import native; print(native.available(), native.why_unavailable())",
+    done = _python("from mnistlab.kernels import build; print(build.available(), build.why_unavailable())",
                    MNISTLAB_NATIVE="0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False turned off by MNISTLAB_NATIVE=0"
@@ -99,8 +100,8 @@ def test_turned_off_by_the_environment_variable():
 
 def test_without_a_working_compiler_training_falls_back_to_pytorch(tmp_path):
     code = (
-        "import torch, mnistlab; from mnistlab import native\n"
-        "print(native.available(), native.why_unavailable())\n"
+        "import torch, mnistlab; from mnistlab.kernels import build\n"
+        "print(build.available(), build.why_unavailable())\n"
         "torch.manual_seed(0); m = mnistlab.models.CNN(); x = torch.randint(0, 256, (64, 784), dtype=torch.uint8)\n"
         "y = torch.randint(0, 10, (64,)); h = mnistlab.fit(m, x, y, x, y, epochs=1, device='cpu')\n"
         "print(len(h.epochs))\n"
@@ -204,20 +205,17 @@ def test_fastcnn_evaluation_mode_matches_pytorch(widths):
                          [("fastcnn", {}, [256, 256, 256, 232]),
                           ("widecnn", {"augment": "affine", "batch_size": 128}, [128] * 7 + [104])])
 def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch, name, overrides, batches):
-    """The fast preset's recipe (at a gentler learning rate) for one short epoch, kernels on and off:
-    equal up to rounding; for widecnn with augmentation too (the same random maps both times)."""
+    """fit (the PyTorch engine) on a FastCNN: the kernels through autograd, on and off, for one short
+    epoch of the fast preset's recipe (at a gentler learning rate): equal up to rounding; for widecnn
+    with augmentation too (the same random maps both times)."""
     calls = []
-    fast_trainer = native.fast_trainer
+    fastcnn = native.fastcnn
 
-    def counting(model, opt, smoothing):
-        stepper = fast_trainer(model, opt, smoothing)
-        if stepper is None:  # the run with the kernels turned off
-            return None
-        step = stepper.step
-        stepper.step = lambda x, y, lr: calls.append(len(x)) or step(x, y, lr)
-        return stepper
+    def counting(model, xb):
+        calls.append(len(xb))
+        return fastcnn(model, xb)
 
-    monkeypatch.setattr(native, "fast_trainer", counting)
+    monkeypatch.setattr(native, "fastcnn", counting)
     x, y = mnist.images, mnist.labels
     config = mnistlab.TrainConfig.from_preset("fast", epochs=1, lr=0.05, schedule="constant", device="cpu",
                                               **overrides)

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from mnistlab.models import create_model
-from mnistlab.optim import SGD, WeightAverage, learning_rate
+from mnistlab.train.optim import SGD, WeightAverage
+from mnistlab.train.schedule import learning_rate
 
 
 def _train(model, opt, steps=5, seed=0):

@@ -8,7 +8,10 @@ from PIL import Image
 
 from mnistlab import metrics, plots
 from mnistlab.cli import main
-from mnistlab.runs import load_run_model, load_split, write_pictures
+from mnistlab.evaluation import predict_proba
+from mnistlab.models import load_model
+from mnistlab.run.pictures import write_pictures
+from mnistlab.run.rundir import load_split, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +29,8 @@ def test_training_writes_every_picture(tmp_path, small_dir):
     assert main(["train", "--data-dir", str(small_dir), "--epochs", "2", "--out", str(out)]) == 0
     for name in ("example.png", "loss.png", "predictions.png", "confusion.png", "mistakes.png"):
         assert_picture(out / name)
-    model, config = load_run_model(out)
-    _, _, x_valid, y_valid = load_split(config)
-    analysis = write_pictures(tmp_path, model, x_valid, y_valid, 10)
+    _, _, x_valid, y_valid = load_split(read_config(out))
+    analysis = write_pictures(tmp_path, predict_proba(load_model(out), x_valid), x_valid, y_valid, 10)
     assert analysis["confusion"].sum() == len(y_valid) == 229
     assert np.trace(analysis["confusion"]) == (analysis["predictions"] == y_valid).sum()
 
@@ -99,7 +101,7 @@ def test_pictures_are_drawn_side_by_side_and_a_failing_child_is_redone_here(tmp_
 
     import pytest
 
-    from mnistlab.rundir import side_by_side
+    from mnistlab.run.pictures import side_by_side
 
     where = {}
 

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 import mnistlab
-from mnistlab.augment import AUGMENTS, Augment
-from mnistlab.checkpoint import load_model
 from mnistlab.cli import main
-from mnistlab.data import split
+from mnistlab.config import PRESETS, TrainConfig
+from mnistlab.data.mnist import split
+from mnistlab.data.shift import TTA_SHIFTS, shift_images
 from mnistlab.errors import RunError, UsageError
-from mnistlab.evaluation import TTA_SHIFTS, evaluate, predict, predict_proba, shift_images
-from mnistlab.prepare import prepare_array
-from mnistlab.runs import evaluate_run
-from mnistlab.sweep import ensemble, spread, train_seeds
-from mnistlab.train import PRESETS, TrainConfig
+from mnistlab.evaluation import evaluate, evaluate_run, predict, predict_proba
+from mnistlab.lab.ensemble import ensemble
+from mnistlab.lab.seeds import spread, train_seeds
+from mnistlab.models import load_model
+from mnistlab.train.augment import AUGMENTS, Augment
+from mnistlab.use.prepare import prepare_array
 
 from .test_cli import run_cli
 
@@ -103,7 +104,7 @@ def test_augmented_digits_keep_their_labels(mnist, name):
     """Re-centred and re-scaled as MNIST's digits were (which undoes the shift and the scaling),
     augmented validation digits are classified by a trained model nearly as well as the originals:
     the maps keep each digit itself, only the rotation remains."""
-    model, _ = load_model(TRAINED)
+    model = load_model(TRAINED)
     x, y = mnist.images[50000:51000], mnist.labels[50000:51000]
     clean = (predict(model, x) == y).mean()
     torch.manual_seed(0)
@@ -161,7 +162,7 @@ def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     ds = mnistlab.load_dataset(small_dir)
     _, _, x_valid, y_valid = split(ds.images, ds.labels, "seed", n_train=ds.n_train)
-    probas = [predict_proba(load_model(r)[0], x_valid) for r in runs]
+    probas = [predict_proba(load_model(r), x_valid) for r in runs]
     expected = float(((probas[0] + probas[1]).argmax(1) == y_valid).mean())
     assert result["valid_acc"] == pytest.approx(expected)
     assert [m["valid_acc"] for m in result["members"]] == pytest.approx(
@@ -208,7 +209,7 @@ def test_shift_images_moves_pixels_and_fills_blank():
 
 
 def test_test_time_augmentation_averages_the_shifted_views(mnist):
-    model, _ = load_model(TRAINED)
+    model = load_model(TRAINED)
     x, y = mnist.images[50000:50500], mnist.labels[50000:50500]
     xt = torch.from_numpy(np.asarray(x))
     views = [predict_proba(model, shift_images(xt, dy, dx)) for dy, dx in TTA_SHIFTS]
@@ -231,7 +232,7 @@ def test_tta_in_training_ensembles_and_evaluation(tmp_path, small_dir, capsys):
     assert summary["tta"] is True and summary["valid_acc_single"] == history["valid_acc"]
     ds = mnistlab.load_dataset(small_dir)
     _, _, x_valid, y_valid = split(ds.images, ds.labels, "seed", n_train=ds.n_train)
-    model = load_model(out)[0]
+    model = load_model(out)
     assert summary["valid_acc"] == pytest.approx(float((predict_proba(model, x_valid, tta=True).argmax(1) == y_valid)
                                                        .mean()))
     assert evaluate_run(out)["valid_acc"] == summary["valid_acc"]  # the run's own setting by default

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import mnistlab
-from mnistlab.serve import create_app
+from mnistlab.use.serve import create_app
 
 from .test_use import TRAINED, redraw
 
@@ -121,12 +121,12 @@ def test_bad_requests_get_4xx_with_a_json_error_and_the_server_keeps_answering(c
 
 
 def test_oversized_and_bomb_images_are_refused(client, monkeypatch):
-    from mnistlab import prepare
+    from mnistlab.use import prepare
 
     monkeypatch.setattr(prepare, "MAX_PIXELS", 10_000)
     r = client.post("/predict", files={"file": ("big.png", _png(np.zeros((200, 200), np.uint8)), "image/png")})
     assert r.status_code == 413 and "more than the 10000 allowed" in r.json()["error"]
-    from mnistlab import serve
+    from mnistlab.use import serve
 
     monkeypatch.setattr(serve, "MAX_BYTES", 1000)
     r = client.post("/predict", content=b"x" * 5000, headers={"content-type": "image/png"})

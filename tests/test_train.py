@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import mnistlab
-from mnistlab.errors import UsageError
+from mnistlab.config import TrainConfig
+from mnistlab.errors import TrainingDiverged, UsageError
 from mnistlab.evaluation import evaluate, predict_proba
-from mnistlab.train import TrainConfig, TrainingDiverged
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import mnistlab
 from mnistlab.cli import main
-from mnistlab.prepare import ImageError, prepare_array, prepare_image
+from mnistlab.use.prepare import ImageError, prepare_array, prepare_image
 
 TRAINED = Path(__file__).parent / "data" / "cnn-seed0"  # see tests/data/README.md
 
@@ -150,7 +150,7 @@ def test_bad_images_give_one_line_errors(trained, tmp_path, capsys, content, mes
 
 
 def test_size_limits(monkeypatch, tmp_path):
-    from mnistlab import prepare
+    from mnistlab.use import prepare
 
     path = tmp_path / "big.png"
     path.write_bytes(_png_bytes(np.zeros((300, 300), np.uint8)))

@@ -14,10 +14,11 @@ __version__ = "0.1.0"
 # The API is imported on first use (PEP 562), so that `import mnistlab.cli` and the fast preset's
 # training, which need no PyTorch, do not pay for importing it (1.7-2.5 s on 2 cores).
 _API = {
-    "Classifier": "classifier", "load_run": "classifier", "load_dataset": "data", "load_mnist": "data",
-    "split": "data", "evaluate": "evaluation", "predict": "evaluation", "predict_proba": "evaluation",
-    "create_model": "models", "list_models": "models", "register_model": "models", "prepare_image": "prepare",
-    "resume_run": "runs", "train_run": "runs", "History": "config", "TrainConfig": "config", "fit": "train",
+    "Classifier": "use.classifier", "load_run": "use.classifier", "load_dataset": "data.mnist",
+    "load_mnist": "data.mnist", "split": "data.mnist", "evaluate": "evaluation", "predict": "evaluation",
+    "predict_proba": "evaluation", "create_model": "models", "list_models": "models", "register_model": "models",
+    "prepare_image": "use.prepare", "resume_run": "run.driver", "train_run": "run.driver", "History": "config",
+    "TrainConfig": "config", "fit": "train.loop",
 }
 
 __all__ = [

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from . import __version__
 from .config import AUGMENT_NAMES, MODEL_NAMES, PRESETS
-from .data import SPLITS
+from .data.mnist import SPLITS
 from .errors import MnistlabError, UsageError
-from .schedule import SCHEDULES
+from .train.device import DEVICES
+from .train.schedule import SCHEDULES
 
 EXIT_USAGE = 2
 
@@ -123,8 +124,9 @@ def _add_train(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the run in an existing --out directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last complete epoch (its own config is used)")
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
-                   help="auto uses CUDA when available (default: auto)")
+    p.add_argument("--device", default=None, choices=list(DEVICES),
+                   help="auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
+                        "(default: auto)")
     p.set_defaults(func=cmd_train)
 
 
@@ -283,9 +285,15 @@ def format_grid(grid: list[list[int]]) -> str:
     return "[" + ",\n ".join(str(row) for row in grid) + "]"
 
 
+def _on_train_start(config, run_dir: Path, resuming: bool) -> None:
+    verb = f"resuming {run_dir}" if resuming else "training"
+    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, "
+          f"split {config.split}, seed {config.seed}", flush=True)
+
+
 def cmd_train(args) -> int:
-    from . import fastrun
-    from .rundir import default_run_dir, read_config
+    from .run.driver import resume_run, train_run
+    from .run.rundir import default_run_dir, read_config
 
     if args.seeds is not None:
         return _train_seeds(args)
@@ -296,22 +304,14 @@ def cmd_train(args) -> int:
     else:
         config = _config_from_args(args)
         run_dir = Path(args.out) if args.out else default_run_dir(config.model)
-    interactive = sys.stdout.isatty() and sys.stderr.isatty()
-    verb = f"resuming {run_dir}" if args.resume else "training"
-    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, "
-          f"split {config.split}, seed {config.seed}", flush=True)
-
-    def on_epoch(r: dict) -> None:
-        print(epoch_line(r, config.epochs), flush=True)
-
-    hooks = {"on_batch": _progress(interactive), "on_epoch": on_epoch}
-    try:  # FastCNN on a CPU trains without importing PyTorch (mnistlab.fastrun)
+    _on_train_start(config, run_dir, args.resume is not None)
+    hooks = {"on_batch": _progress(sys.stdout.isatty() and sys.stderr.isatty()),
+             "on_epoch": lambda r: print(epoch_line(r, config.epochs), flush=True)}
+    try:
         if args.resume:
-            resume = fastrun.resume_run if fastrun.trained_here(run_dir) else _runs().resume_run
-            result = resume(run_dir, **hooks)
+            result = resume_run(run_dir, **hooks)
         else:
-            train = fastrun.train_run if fastrun.applies(config) else _runs().train_run
-            result = train(config, run_dir, force=args.force, **hooks)
+            result = train_run(config, run_dir, force=args.force, **hooks)
     except KeyboardInterrupt:
         print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {run_dir}",
               file=sys.stderr)
@@ -325,12 +325,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _runs():
-    from . import runs
-
-    return runs
-
-
 def _config_from_args(args):
     from .config import TrainConfig
 
@@ -342,8 +336,8 @@ def _config_from_args(args):
 
 
 def _train_seeds(args) -> int:
-    from .runs import default_run_dir
-    from .sweep import format_spread, train_seeds
+    from .lab.seeds import format_spread, train_seeds
+    from .run.rundir import default_run_dir
 
     if args.resume is not None or args.seed is not None:
         raise UsageError("--seeds trains fresh runs; leave out --resume and --seed (resume one OUT/seed-S instead)")
@@ -371,7 +365,8 @@ def _train_seeds(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from .sweep import ensemble, format_spread
+    from .lab.ensemble import ensemble
+    from .lab.seeds import format_spread
 
     result = ensemble(args.run_dirs, tta=args.tta)
     if args.json:
@@ -391,7 +386,7 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .runs import evaluate_run
+    from .evaluation import evaluate_run
 
     result = evaluate_run(args.run_dir, tta=args.tta)
     if args.json:
@@ -414,7 +409,7 @@ def cmd_predict(args) -> int:
 
 
 def _predict_images(args) -> int:
-    from .classifier import load_run
+    from .use.classifier import load_run
 
     # Every file is prepared (and so checked) before anything is printed.
     proba = load_run(args.run_dir).predict_proba(list(args.images))
@@ -431,18 +426,9 @@ def _predict_images(args) -> int:
 
 
 def _predict_valid(args) -> int:
-    from .evaluation import predict_proba
-    from .runs import load_run_model, load_split
+    from .use.classifier import predict_valid
 
-    model, config = load_run_model(args.run_dir)
-    _, _, x_valid, y_valid = load_split(config)
-    start, stop = args.valid or (0, 9)
-    if stop > len(x_valid):
-        raise UsageError(f"--valid {start}:{stop}: the validation part has {len(x_valid)} items (0:{len(x_valid)})")
-    proba = predict_proba(model, x_valid[start:stop])
-    preds = proba.argmax(axis=1)
-    rows = [{"index": start + i, "predicted": int(p), "label": int(y_valid[start + i]),
-             "probability": float(proba[i, p])} for i, p in enumerate(preds)]
+    rows = predict_valid(args.run_dir, *(args.valid or (0, 9)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -455,34 +441,24 @@ def _predict_valid(args) -> int:
     return 0
 
 
-def cmd_show(args) -> int:
-    from . import plots
-    from .data import load_dataset, split
-
-    ds = load_dataset(args.data_dir)
-    x_train, y_train, x_valid, y_valid = split(ds.images, ds.labels, args.split, n_train=ds.n_train)
-    images, labels = (x_train, y_train) if args.part == "train" else (x_valid, y_valid)
-    rows, cols = args.grid or (1, 1)
-    count = rows * cols
-    if not 0 <= args.index or args.index + count > len(images):
-        raise UsageError(f"--index {args.index}: the {args.part} part has {len(images)} images "
-                         f"(0..{len(images) - 1}); {count} from --index must fit")
-    out = Path(args.out or f"{args.part}-{args.index}.png")
+def _png_path(text: str) -> Path:
+    out = Path(text)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: expected a file name ending in .png")
-    i = args.index
-    if args.grid:
-        fig = plots.plot_grid(images[i : i + count], labels[i : i + count], rows, cols,
-                              title=f"{args.part} images {i}-{i + count - 1}")
-    else:
-        fig = plots.plot_example(images[i], int(labels[i]), f"{args.part} image {i}: label {int(labels[i])}")
-    plots.save(fig, out)
+    return out
+
+
+def cmd_show(args) -> int:
+    from . import plots
+
+    out = _png_path(args.out or f"{args.part}-{args.index}.png")
+    plots.save(plots.plot_dataset(args.part, args.index, args.grid, args.split, args.data_dir), out)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .use.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
     return 0
@@ -490,20 +466,10 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import plots
-    from .runs import read_history, read_summary
+    from .lab.compare import compare_runs
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: expected a file name ending in .png")
-    rows, histories = [], {}
-    for run in args.run_dirs:
-        s = read_summary(run)
-        name = Path(run).name
-        if name in histories:
-            name = str(run)
-        histories[name] = read_history(run).epochs
-        rows.append({"run": name, "model": s["model"], "epochs": s["epochs"], "valid_acc": s["valid_acc"],
-                     "valid_loss": s["valid_loss"], "train_seconds": s["train_seconds"]})
+    out = _png_path(args.out)
+    rows, histories = compare_runs(args.run_dirs)
     plots.save(plots.plot_compare(histories), out)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -518,8 +484,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
-    from .runs import check_run_dir
+    from .run.rundir import check_run_dir
+    from .use.export import export_run
 
     check_run_dir(args.run_dir)
     print(f"wrote {export_run(args.run_dir, args.format, args.out)}")
@@ -527,8 +493,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .runs import check_run_dir
-    from .serve import serve
+    from .run.rundir import check_run_dir
+    from .use.serve import serve
 
     check_run_dir(args.run_dir)
     serve(args.run_dir, args.host, args.port, args.workers,
@@ -537,35 +503,27 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
-    from .train import resolve_device
+    from .files import write_text_atomic
+    from .lab import bench
 
-    resolve_device(args.device)  # a clear error before minutes of work
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UsageError(f"--out {out}: expected a file in an existing folder")
-    plan = bench.BenchPlan(quick=args.quick, seeds=args.seeds, device=args.device)
-    print(f"machine: {bench.machine()}", flush=True)
-    peak = bench.peak_flops()
-    results = []
-    for job in plan.jobs():
-        r = bench.run_job(job, args.device)
+
+    def on_result(r) -> None:
         reach = r.time_to()
         reached = f"after {reach:.1f} s" if reach is not None else "not reached"
         print(f"{r.name} (seed {r.seed}): {r.images_per_second:,.0f} images/s, valid_acc {100 * r.valid_acc:.2f}% "
               f"after {len(r.epochs)} epochs, 99% {reached}; "
               f"whole process {r.wall_seconds:.1f} s, peak RSS {r.max_rss_mb:.0f} MB", flush=True)
-        results.append(r)
-    peak = max(peak, bench.peak_flops())  # measured again: a busy moment only lowers the figure
-    rows = bench.summarize(results, peak)
-    command = "mnistlab bench" + (" --quick" if args.quick else "") + (
-        f" --device {args.device}" if args.device != "cpu" else "")
-    table = bench.markdown(rows, peak, plan, command)
-    if out is not None:
-        from .files import write_text_atomic
 
-        write_text_atomic(out, table)
-    print(json.dumps(rows, indent=2) if args.json else "\n" + table, end="" if not args.json else "\n")
+    plan = bench.BenchPlan(quick=args.quick, seeds=args.seeds, device=args.device)
+    print(f"machine: {bench.machine()}", flush=True)
+    result = bench.run_bench(plan, on_result)
+    if out is not None:
+        write_text_atomic(out, result["table"])
+    print(json.dumps(result["rows"], indent=2) if args.json else "\n" + result["table"], end="" if not args.json
+          else "\n")
     return 0
 
 

@@ -1,21 +1,24 @@
 """How to train: :class:`TrainConfig`, the named presets, and the per-epoch :class:`History`.
 
-No PyTorch here: the command line reads, checks and records a run's settings, and the fast
-preset trains (:mod:`mnistlab.fastrun`), without importing it.
+No PyTorch here: the command line reads, checks and records a run's settings, and the kernel
+engine trains (:mod:`mnistlab.train.kernel_engine`), without importing it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
-from .data import SPLITS
-from .errors import MnistlabError, UsageError
-from .schedule import SCHEDULES
+from .data.mnist import SPLITS
+from .errors import UsageError
+from .train.device import DEVICES
+from .train.schedule import SCHEDULES
 
-AUGMENT_NAMES = ("none", "affine", "elastic")  # mnistlab.augment.AUGMENTS
+AUGMENT_NAMES = ("none", "affine", "elastic")  # mnistlab.train.augment.AUGMENTS
 MODEL_NAMES = ("linear", "cnn", "fastcnn", "widecnn", "bncnn", "poolcnn")  # the built-in models of mnistlab.models
 # The FastCNN models (mnistlab.models) and their channels per conv layer; the compiled kernels train these.
 FASTCNN_WIDTHS = {"fastcnn": (16, 32, 64), "widecnn": (32, 64, 128)}
@@ -25,7 +28,6 @@ RECIPES = {
     "linear": {"lr": 0.5, "momentum": 0.0},
     "cnn": {"lr": 0.1, "momentum": 0.9},
 }
-DEVICES = ("auto", "cpu", "cuda")
 
 # Named recipes: values for TrainConfig fields; anything given explicitly overrides them.
 PRESETS = {
@@ -43,10 +45,6 @@ PRESETS = {
 }
 
 
-class TrainingDiverged(MnistlabError):
-    """The loss became NaN or infinite."""
-
-
 @dataclass
 class TrainConfig:
     """How to train: every value a run needs to be repeated. Units in the comments."""
@@ -58,7 +56,7 @@ class TrainConfig:
     momentum: float | None = None  # SGD momentum; None: the model's recipe (linear 0, cnn 0.9)
     seed: int = 0  # torch.manual_seed before the model is built: weights' initialisation and shuffling
     split: str = "seed"  # "seed": 50,000 / 20,000; "standard": 60,000 / 10,000 (test); "holdout": 50,000 / 10,000
-    data_dir: str | None = None  # a folder of four MNIST-format IDX files; None: the shipped MNIST
+    data_dir: str | None = None  # a folder of four MNIST-format IDX files (made absolute); None: the shipped MNIST
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     nesterov: bool = False  # Nesterov momentum
     weight_decay: float = 0.0  # L2 penalty added to the gradients (as torch.optim.SGD's weight_decay)
@@ -85,6 +83,10 @@ class TrainConfig:
             self.lr = recipe["lr"]
         if self.momentum is None:
             self.momentum = recipe["momentum"]
+        if self.data_dir is not None:  # absolute, so the run can be evaluated from anywhere
+            if not isinstance(self.data_dir, (str, os.PathLike)):
+                raise UsageError(f"data_dir must be a folder's path, got {self.data_dir!r}")
+            self.data_dir = str(Path(self.data_dir).resolve())
         self.validate()
 
     def validate(self) -> None:

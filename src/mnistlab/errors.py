@@ -27,3 +27,10 @@ class RunError(MnistlabError):
     """A run directory that is missing or incomplete (exit status 1)."""
 
     exit_code = 1
+
+
+class TrainingDiverged(MnistlabError):
+    """Training went wrong: the loss became NaN or infinite, or the network collapsed to outputs
+    that no longer depend on the image (exit status 1). The last good epoch's checkpoint stays."""
+
+    exit_code = 1

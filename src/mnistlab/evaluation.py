@@ -1,13 +1,18 @@
-"""Loss, accuracy and predictions of a model on a set of images. Returns numbers, prints nothing."""
+"""Loss, accuracy and predictions of a model on a set of images, and of a finished run on its
+validation part. Returns numbers, prints nothing."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import metrics
+from .data.shift import TTA_SHIFTS, shift_images
+from .kernels.autograd import forward_for
 
 
 def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -36,24 +41,11 @@ def logits(model: nn.Module, x, batch_size: int = 1024) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        forward = native.forward_for(model, x[:1].to(device))
+        forward = forward_for(model, x[:1].to(device))
         out = [forward(prepare(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
-
-
-# Test-time augmentation: the image itself and its 8 shifts by one pixel, as (dy, dx).
-TTA_SHIFTS = tuple((dy, dx) for dy in (0, -1, 1) for dx in (0, -1, 1))
-
-
-def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Images (N, 784) or (N, 28, 28) moved ``dy`` rows down and ``dx`` columns right; blank (0) fills in."""
-    images = x.reshape(-1, 28, 28)
-    out = torch.zeros_like(images)
-    out[:, max(dy, 0) : 28 + min(dy, 0), max(dx, 0) : 28 + min(dx, 0)] = \
-        images[:, max(-dy, 0) : 28 + min(-dy, 0), max(-dx, 0) : 28 + min(-dx, 0)]
-    return out.reshape(x.shape)
 
 
 def _proba(model: nn.Module, x, batch_size: int, tta: bool) -> torch.Tensor:
@@ -90,6 +82,8 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     With ``tta`` both come from the probabilities averaged over ``TTA_SHIFTS`` (the loss is
     their negative log-likelihood, averaged over batches the same way). ``keep_proba`` adds
     ``proba``: the class probabilities, float32 (N, C), as :func:`predict_proba` gives them.
+    Without ``tta``, ``spread`` is the largest range of any output over the images (0: the
+    network gives every image the same outputs, :func:`mnistlab.kernels.fastcnn.output_spread`).
     """
     device = _device_of(model)
     x, y = as_tensor(x), as_tensor(y).long()
@@ -97,37 +91,53 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
         return {"loss": float("nan"), "acc": float("nan")}
     if tta:
         proba = _proba(model, x, chunk, tta=True)
-        result = score(proba, y, batch_size)
+        result = metrics.score(proba.numpy(), y.numpy(), batch_size)
     else:
         was_training = model.training
         model.eval()
-        losses, correct, probas = [], 0, []
-        forward = native.forward_for(model, x[:1].to(device))
+        losses, correct, probas, low, high = [], 0, [], None, None
+        forward = forward_for(model, x[:1].to(device))
         try:
             for i in range(0, len(x), chunk):
                 xb, yb = prepare(x[i : i + chunk].to(device)), y[i : i + chunk].to(device)
                 out = forward(xb).float()
                 losses.append(F.cross_entropy(out, yb, reduction="none").cpu())
                 correct += int((out.argmax(dim=1) == yb).sum())
+                low = out.amin(dim=0) if low is None else torch.minimum(low, out.amin(dim=0))
+                high = out.amax(dim=0) if high is None else torch.maximum(high, out.amax(dim=0))
                 if keep_proba:
                     probas.append(torch.softmax(out, dim=1).cpu())
         finally:
             model.train(was_training)
-        result = {"loss": _batch_mean(torch.cat(losses).double(), batch_size), "acc": correct / len(x)}
+        spread = float((high - low).max()) if len(x) > 1 else float("nan")
+        result = {"loss": metrics.batch_mean(torch.cat(losses).double().numpy(), batch_size),
+                  "acc": correct / len(x), "spread": spread}
         proba = torch.cat(probas) if keep_proba else None
     if keep_proba:
         result["proba"] = proba.numpy()
     return result
 
 
-def score(proba, y, batch_size: int = 128) -> dict[str, float]:
-    """:func:`evaluate`'s loss and accuracy from class probabilities (N, C) already computed:
-    the loss is their negative log-likelihood, averaged over batches of ``batch_size`` rows."""
-    proba, y = as_tensor(proba).double(), as_tensor(y).long()
-    per_row = -proba[torch.arange(len(y)), y].clamp_min(1e-12).log()
-    return {"loss": _batch_mean(per_row, batch_size), "acc": int((proba.argmax(dim=1) == y).sum()) / len(y)}
+def evaluate_run(run_dir: str | os.PathLike, dataset=None, tta: bool | None = None) -> dict:
+    """Loss and accuracy of a run's model on the validation part of its split, per-class figures
+    and the most confused pairs. ``tta``: score with test-time augmentation (``TTA_SHIFTS``);
+    ``None`` does what the run's config says."""
+    from .data.mnist import load_dataset
+    from .models import load_model
+    from .run.rundir import load_split, read_config
 
-
-def _batch_mean(per_row: torch.Tensor, batch_size: int) -> float:
-    batch_means = [per_row[i : i + batch_size].mean() for i in range(0, len(per_row), batch_size)]
-    return float(torch.stack(batch_means).mean())
+    config = read_config(run_dir)
+    model = load_model(run_dir)
+    tta = config.tta if tta is None else tta
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    _, _, x_valid, y_valid = load_split(config, ds)
+    proba = predict_proba(model, x_valid, tta=tta)
+    batch_size = 2 * config.batch_size
+    if tta:
+        result = metrics.score(proba, y_valid, batch_size)
+    else:
+        result = evaluate(model, x_valid, y_valid, batch_size=batch_size)
+    matrix = metrics.confusion_matrix(proba.argmax(axis=1), y_valid, ds.num_classes)
+    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid), "tta": tta,
+            "per_class": metrics.per_class(matrix), "most_confused": metrics.most_confused(matrix),
+            "confusion": matrix.tolist()}

@@ -41,3 +41,20 @@ def worst_mistakes(probabilities: np.ndarray, labels, top: int = 16) -> np.ndarr
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")][:top]
+
+
+def batch_mean(per_row: np.ndarray, batch_size: int) -> float:
+    """The mean over batches of ``batch_size`` rows of each batch's mean, as the seed averages its
+    validation loss (the last, smaller batch counts as much as a full one); NaN for no rows."""
+    per_row = np.asarray(per_row, np.float64)
+    means = [per_row[i : i + batch_size].mean() for i in range(0, len(per_row), batch_size)]
+    return float(np.mean(means)) if means else float("nan")
+
+
+def score(proba, labels, batch_size: int = 128) -> dict[str, float]:
+    """Loss and accuracy from class probabilities (N, C) already computed: the loss is their
+    negative log-likelihood, averaged over batches of ``batch_size`` rows (:func:`batch_mean`)."""
+    proba, labels = np.asarray(proba, np.float64), np.asarray(labels, np.int64)
+    per_row = -np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, None))
+    acc = float((proba.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
+    return {"loss": batch_mean(per_row, batch_size), "acc": acc}

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FASTCNN_WIDTHS
-from .errors import UsageError
+from .errors import RunError, UsageError
+from .run.checkpoint import META, WEIGHTS, read_model_meta, read_weights
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -179,3 +180,18 @@ def poolcnn(num_classes: int = 10) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(directory) -> nn.Module:
+    """Rebuild the model saved in ``directory`` (``model.json`` + ``model.safetensors``), in eval
+    mode on the CPU. Nothing is unpickled."""
+    name, config = read_model_meta(directory)
+    if name not in _REGISTRY:
+        raise RunError(f"{directory}/{META}: unknown model {name!r}; this version knows {', '.join(list_models())}")
+    model = create_model(name, **config)
+    try:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in read_weights(directory).items()})
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"{directory}/{WEIGHTS}: cannot load the weights ({first})") from None
+    return model.eval()

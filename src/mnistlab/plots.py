@@ -162,3 +162,25 @@ def plot_compare(histories: dict[str, list[dict]]) -> Figure:
         ax.legend(fontsize=8)
     _margins(fig, 0.75, 0.2, 0.55, 0.4, wspace=0.3)
     return fig
+
+
+def plot_dataset(part: str = "train", index: int = 0, grid: tuple[int, int] | None = None, split: str = "seed",
+                 data_dir: str | os.PathLike | None = None) -> Figure:
+    """Images of a dataset's ``part`` ("train" or "valid") of ``split``, from ``index``: one image,
+    or a ``grid`` (rows, cols) of them with their labels."""
+    from .data.mnist import load_dataset
+    from .data.mnist import split as split_data
+    from .errors import UsageError
+
+    ds = load_dataset(data_dir)
+    x_train, y_train, x_valid, y_valid = split_data(ds.images, ds.labels, split, n_train=ds.n_train)
+    images, labels = (x_train, y_train) if part == "train" else (x_valid, y_valid)
+    rows, cols = grid or (1, 1)
+    count = rows * cols
+    if not 0 <= index or index + count > len(images):
+        raise UsageError(f"--index {index}: the {part} part has {len(images)} images "
+                         f"(0..{len(images) - 1}); {count} from --index must fit")
+    if grid:
+        return plot_grid(images[index : index + count], labels[index : index + count], rows, cols,
+                         title=f"{part} images {index}-{index + count - 1}")
+    return plot_example(images[index], int(labels[index]), f"{part} image {index}: label {int(labels[index])}")

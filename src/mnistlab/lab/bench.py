@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RunError
+from ..errors import RunError
 
 TARGET = 0.99
 
@@ -108,9 +108,9 @@ def training_flops_per_image(model: torch.nn.Module, loss_func=None, batch: int 
 
 
 def _model_flops(job: dict) -> float:
+    from ..config import PRESETS
+    from ..models import create_model
     from . import reference
-    from .models import create_model
-    from .train import PRESETS
 
     if job["kind"] == "reference":
         if job["recipe"] == "seed":
@@ -140,7 +140,7 @@ def run_job(job: dict, device: str = "cpu") -> Measured:
     with tempfile.TemporaryDirectory() as tmp:
         log, run_dir = Path(tmp) / "stdout", Path(tmp) / "run"
         if job["kind"] == "reference":
-            cmd = [sys.executable, "-m", "mnistlab.reference", job["recipe"], "--epochs", str(job["epochs"])]
+            cmd = [sys.executable, "-m", "mnistlab.lab.reference", job["recipe"], "--epochs", str(job["epochs"])]
             for key in ("max_batches", "target", "max_valid"):
                 if job.get(key):
                     cmd += [f"--{key.replace('_', '-')}", str(job[key])]
@@ -245,3 +245,22 @@ def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> st
             cells = " | ".join(f"{r['timings'].get(k, 0.0):.2f}" for k in keys)
             lines.append(f"| {r['recipe']} | {r['wall_seconds']:.1f} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def run_bench(plan: BenchPlan, on_result=None) -> dict:
+    """Run ``plan``'s jobs one after another; ``on_result(Measured)`` after each. Returns the
+    ``rows`` (:func:`summarize`), the Markdown ``table``, the ``peak`` FLOP/s and the ``machine``."""
+    from ..train.device import resolve_device
+
+    resolve_device(plan.device)  # a clear error before minutes of work
+    peak = peak_flops()
+    results = []
+    for job in plan.jobs():
+        results.append(run_job(job, plan.device))
+        if on_result is not None:
+            on_result(results[-1])
+    peak = max(peak, peak_flops())  # measured again: a busy moment only lowers the figure
+    rows = summarize(results, peak)
+    command = "mnistlab bench" + (" --quick" if plan.quick else "") + (
+        f" --device {plan.device}" if plan.device != "cpu" else "")
+    return {"rows": rows, "table": markdown(rows, peak, plan, command), "peak": peak, "machine": machine()}

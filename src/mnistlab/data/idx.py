@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"

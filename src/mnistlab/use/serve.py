@@ -15,9 +15,9 @@ from importlib import resources
 import numpy as np
 import torch
 
+from ..errors import MnistlabError, UsageError
+from ..evaluation import prepare
 from .classifier import load_run
-from .errors import MnistlabError, UsageError
-from .evaluation import prepare
 from .prepare import MAX_BYTES, ImageError, as_pixels, prepare_image
 
 try:
@@ -90,7 +90,7 @@ def create_app(run_dir: str | os.PathLike):
     classifier = load_run(run_dir)
     model = classifier.model.eval()
     name = model.__class__.__name__
-    page = resources.files("mnistlab").joinpath("static/draw.html").read_text()
+    page = resources.files(__package__).joinpath("static/draw.html").read_text()
     app = FastAPI(title="mnistlab", description=f"Digit classifier from {run_dir}")
 
     @app.exception_handler(_BadRequest)
@@ -218,7 +218,7 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
         config = uvicorn.Config(app, log_level="warning")
     else:  # uvicorn starts the processes; each imports this module and builds its own app
         create_app(run_dir)  # a bad run directory fails here, once, with a clear message
-        config = uvicorn.Config("mnistlab.serve:app_from_env", factory=True, workers=workers, log_level="warning")
+        config = uvicorn.Config(f"{__name__}:app_from_env", factory=True, workers=workers, log_level="warning")
     sock = bind(host, port)
     with sock:
         if on_ready is not None:

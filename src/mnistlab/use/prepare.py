@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from ..errors import DataError
 
 MAX_BYTES = 20 * 1024 * 1024  # an uploaded or read file larger than this is refused
 MAX_PIXELS = 40_000_000  # width x height; larger images are refused before decoding (decompression bombs)

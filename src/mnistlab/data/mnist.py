@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
 from .idx import parse_idx, read_bytes
 
-SHIPPED_DIR = Path(__file__).parent / "_data" / "mnist"
+SHIPPED_DIR = Path(__file__).parent / "_mnist"
 
 # Part name -> (file stem, SHA-256 of the decompressed MNIST file).
 MNIST_FILES = {

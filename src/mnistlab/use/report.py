@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from .files import write_text_atomic
-from .runs import PICTURES, check_run_dir, read_history, read_summary
+from ..files import write_text_atomic
+from ..run.rundir import CONFIG, PICTURES, check_run_dir, read_history, read_summary
 
 _CAPTIONS = {
     "example.png": "First training example",
@@ -51,7 +51,7 @@ def render_report(run_dir: str | os.PathLike) -> str:
     run_dir = check_run_dir(run_dir)
     summary = read_summary(run_dir)
     history = read_history(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
     figures = []
     for name in PICTURES:
         path = run_dir / name

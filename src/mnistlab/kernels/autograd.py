@@ -1,13 +1,12 @@
-"""The compiled kernels (:mod:`mnistlab.kernels`) inside PyTorch models on the CPU.
+"""The compiled kernels inside PyTorch models on the CPU: PyTorch's autograd over them.
 
 At the seed's batch of 64, oneDNN's kernels for these three small convolutions spend most of
 a training step on per-call overhead (about 11% of this CPU's arithmetic peak). The C files
 in ``csrc/`` compute the seed's CNN and FastCNN (the fast preset's widths, ``widecnn``'s, any
 multiples of 16 up to 128), forward and backward, in a few loops over 16-channel vectors.
-Here they become autograd functions (:func:`seedcnn`, :func:`fastcnn`), evaluation-mode
-forwards (:func:`fastcnn_eval`), and whole training steps on a FastCNN's own tensors
-(:func:`fast_trainer`); :func:`forward_for` picks what applies.
-Without a compiler, or where it fails, :func:`available` is False and PyTorch's layers run.
+Here they become autograd functions (:func:`seedcnn`, :func:`fastcnn`) and evaluation-mode
+forwards (:func:`fastcnn_eval`); :func:`forward_for` picks what applies. Without a compiler,
+or where it fails (:func:`mnistlab.kernels.build.available`), PyTorch's layers run.
 ``MNISTLAB_NATIVE=0`` turns the kernels off.
 
 The arithmetic is the same as PyTorch's up to the order of the additions (float32
@@ -18,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from . import fastpath, kernels
-from .fastpath import BN_MOMENTUM
-from .kernels import available, cache_dir, library, why_unavailable  # noqa: F401 (this module's API)
+from . import calls
+from .build import available, library
+from .fastcnn import BN_MOMENTUM, running_stats, update_running
 
 MAX_CLASSES = 16
 
@@ -62,7 +61,7 @@ class SeedCNNFunction(torch.autograd.Function):
 
 def supports(model: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`seedcnn` can run ``model`` (the seed's CNN) on the batch ``x``."""
-    from .models import CNN
+    from ..models import CNN
 
     return type(model) is CNN and model.conv3.out_channels <= MAX_CLASSES and _cpu_float(model, x) and available()
 
@@ -86,7 +85,7 @@ class FastCNNFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, w3, g3, b3):
         params = [t.detach().contiguous() for t in (w1, g1, b1, w2, g2, b2, w3, g3, b3)]
-        stats = torch.zeros(6, kernels.MAX_WIDTH)
+        stats = torch.zeros(6, calls.MAX_WIDTH)
         feats, saved = _fastcnn_forward(x, params, stats, given=False)
         ctx.save_for_backward(*params, *saved, stats)
         ctx.mark_non_differentiable(stats)
@@ -96,7 +95,7 @@ class FastCNNFeatures(torch.autograd.Function):
     def backward(ctx, gfeat, _gstats):
         params, saved, stats = ctx.saved_tensors[:9], ctx.saved_tensors[9:-1], ctx.saved_tensors[-1]
         grads = [torch.empty_like(t) for t in params]
-        kernels.fastcnn_backward([t.numpy() for t in params], [t.numpy() for t in saved], stats.numpy(),
+        calls.fastcnn_backward([t.numpy() for t in params], [t.numpy() for t in saved], stats.numpy(),
                                  gfeat.contiguous().numpy(), [g.numpy() for g in grads])
         return (None, *grads)
 
@@ -105,7 +104,7 @@ def _fastcnn_forward(x, params, stats, given: bool):
     """The C forward pass: features (n, 16 C3) and the activations it saves for the backward pass.
     ``stats`` (6, MAX_WIDTH) receives the batch statistics, or (``given``) holds the running ones."""
     x = x.reshape(len(x), 784).contiguous()
-    feats, saved = kernels.fastcnn_forward(x.numpy(), [t.numpy() for t in params], stats.numpy(), given)
+    feats, saved = calls.fastcnn_forward(x.numpy(), [t.numpy() for t in params], stats.numpy(), given)
     return torch.from_numpy(feats), [torch.from_numpy(a) for a in saved]
 
 
@@ -117,14 +116,14 @@ def _conv_bn_layers(model: torch.nn.Module):
 
 
 def fast_supported(model: torch.nn.Module) -> bool:
-    from .models import FastCNN
+    from ..models import FastCNN
 
     if type(model) is not FastCNN:
         return False
     layers = _conv_bn_layers(model)
     convs, bns = [c for c, _ in layers], [b for _, b in layers]
     return (
-        kernels.widths_supported(tuple(c.out_channels for c in convs))
+        calls.widths_supported(tuple(c.out_channels for c in convs))
         and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum == BN_MOMENTUM for b in bns)
         and model.MEAN == 0.1307
         and model.STD == 0.3081
@@ -141,7 +140,7 @@ def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     for conv, bn in layers:
         args += [conv.weight, bn.weight, bn.bias]
     feats, stats = FastCNNFeatures.apply(*args)
-    fastpath.update_running(_arrays(model), stats.numpy(), len(x))
+    update_running(_arrays(model), stats.numpy(), len(x))
     return model.head(feats)
 
 
@@ -159,7 +158,7 @@ def fastcnn_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = []
     for conv, bn in _conv_bn_layers(model):
         params += [conv.weight.contiguous(), bn.weight.contiguous(), bn.bias.contiguous()]
-    stats = torch.from_numpy(fastpath.running_stats(_arrays(model)))
+    stats = torch.from_numpy(running_stats(_arrays(model)))
     return model.head(_fastcnn_forward(x, params, stats, given=True)[0])
 
 
@@ -173,33 +172,3 @@ def forward_for(model: torch.nn.Module, x: torch.Tensor):
             return lambda xb: fastcnn(model, xb)
         return lambda xb: fastcnn_eval(model, xb)
     return model
-
-
-def fast_trainer(model: torch.nn.Module, opt, label_smoothing: float = 0.0):
-    """A :class:`~mnistlab.fastpath.FastCNNStep` that trains ``model`` (a FastCNN on the CPU) in
-    place with ``opt`` (a :class:`~mnistlab.optim.SGD`, whose momentum buffers it uses), or None
-    where the compiled kernels do not apply: then train through :func:`forward_for`."""
-    from .optim import SGD
-
-    if not (fast_supported(model) and isinstance(opt, SGD) and len(opt.param_groups) == 1 and available()):
-        return None
-    state = dict(model.state_dict(keep_vars=True))
-    tensors = [state[k] for k in fastpath.PARAMS]
-    group = opt.param_groups[0]
-    if len(group["params"]) != len(tensors) or any(a is not b for a, b in zip(group["params"], tensors, strict=False)):
-        return None
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return None
-    buffers = None
-    if group["momentum"]:
-        for p in tensors:
-            s = opt.state.setdefault(p, {})
-            if "momentum_buffer" not in s:  # zeros: the first step then stores the gradient, as torch's SGD does
-                s["momentum_buffer"] = torch.zeros_like(p)
-        buffers = [opt.state[p]["momentum_buffer"] for p in tensors]
-        pairs = zip(buffers, tensors, strict=True)
-        if not all(b.dtype == torch.float32 and b.is_contiguous() and b.shape == p.shape for b, p in pairs):
-            return None
-        buffers = [b.numpy() for b in buffers]
-    return fastpath.FastCNNStep(_arrays(model), buffers, momentum=group["momentum"], nesterov=group["nesterov"],
-                                weight_decay=group["weight_decay"], label_smoothing=label_smoothing)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
-from .runs import load_run_model
+from ..errors import UsageError
+from ..models import load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -22,7 +22,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     """Write the run's model as ``fmt`` (default file: RUN_DIR/model.onnx or model.pt)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    model, _ = load_run_model(run_dir)
+    model = load_model(run_dir)
     model = model.float().eval()
     out = Path(out) if out is not None else Path(run_dir) / f"model{FORMATS[fmt]}"
     example = torch.rand(2, 784)

@@ -7,7 +7,7 @@ before that one ``grid_sample``: random displacements on a coarse grid of contro
 (4 x 4 by default, about 9 pixels apart), bicubically interpolated to every pixel, which
 approximates Simard et al.'s Gaussian-smoothed random fields (2003) at a fraction of the
 cost. Random numbers
-come from torch's global generator, so a seeded run is repeatable and resumes exactly.
+come from torch's global generator, or one passed in, so a seeded run is repeatable and resumes exactly.
 The label of every image is unchanged: the maps are small enough to keep a digit itself.
 """
 
@@ -44,18 +44,20 @@ class Augment:
     # (between the control points the bicubic interpolation can overshoot that range by up to 56%)
     control: int = 4  # control points per side of the elastic displacement field
 
-    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        """``xb``: float images (B, 784) or (B, 1, 28, 28) -> augmented (B, 1, 28, 28), same dtype and device."""
+    def __call__(self, xb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``xb``: float images (B, 784) or (B, 1, 28, 28) -> augmented (B, 1, 28, 28), same dtype and device.
+        Random numbers from ``generator`` (default: torch's global one)."""
         xb = xb.reshape(-1, 1, 28, 28)
         n = len(xb)
         if n == 0:
             return xb
-        r = torch.rand(n, 4, device=xb.device, dtype=xb.dtype) * 2 - 1  # uniform in [-1, 1)
+        r = torch.rand(n, 4, device=xb.device, dtype=xb.dtype, generator=generator) * 2 - 1  # uniform in [-1, 1)
         theta = affine_theta(r[:, 0] * math.radians(self.rotate), 1 + r[:, 1] * self.scale,
                              r[:, 2] * self.shift, r[:, 3] * self.shift)
         grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
         if self.elastic > 0:
-            coarse = torch.rand(n, 2, self.control, self.control, device=xb.device, dtype=xb.dtype) * 2 - 1
+            coarse = torch.rand(n, 2, self.control, self.control, device=xb.device, dtype=xb.dtype,
+                                generator=generator) * 2 - 1
             field = F.interpolate(coarse, size=xb.shape[-2:], mode="bicubic", align_corners=False)
             grid = grid + field.permute(0, 2, 3, 1) * (self.elastic * 2 / 28)
         return F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluation import logits
+from ..errors import UsageError
+from ..evaluation import logits, predict_proba
+from ..models import load_model
 from .prepare import as_pixels, prepare_image
-from .runs import load_run_model
 
 
 class Classifier:
@@ -47,5 +48,19 @@ class Classifier:
 
 def load_run(run_dir: str | os.PathLike) -> Classifier:
     """The classifier saved in a run directory (nothing is unpickled)."""
-    model, _ = load_run_model(run_dir)
-    return Classifier(model, Path(run_dir))
+    return Classifier(load_model(run_dir), Path(run_dir))
+
+
+def predict_valid(run_dir: str | os.PathLike, start: int = 0, stop: int = 9) -> list[dict]:
+    """The run's predictions for validation items ``start``..``stop - 1`` of its split: one dict per
+    item with ``index``, ``predicted``, ``label`` and ``probability`` (of the predicted class)."""
+    from ..run.rundir import load_split, read_config
+
+    config = read_config(run_dir)
+    model = load_model(run_dir)
+    _, _, x_valid, y_valid = load_split(config)
+    if not 0 <= start < stop or stop > len(x_valid):
+        raise UsageError(f"--valid {start}:{stop}: the validation part has {len(x_valid)} items (0:{len(x_valid)})")
+    proba = predict_proba(model, x_valid[start:stop])
+    return [{"index": start + i, "predicted": int(p), "label": int(y_valid[start + i]),
+             "probability": float(proba[i, p])} for i, p in enumerate(proba.argmax(axis=1))]

@@ -8,7 +8,7 @@ dropout 0.5, FC 10; Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64. Both 
 the seed's split (first 50,000) and are scored on its last 20,000 images, read from the
 shipped MNIST instead of the network.
 
-Run as ``python -m mnistlab.reference RECIPE [--epochs N] [--max-batches B] [--target ACC] [--max-valid N]``;
+Run as ``python -m mnistlab.lab.reference RECIPE [--epochs N] [--max-batches B] [--target ACC] [--max-valid N]``;
 it prints one JSON object per epoch: cumulative training seconds (validation excluded),
 images trained on, validation accuracy.
 """
@@ -70,7 +70,7 @@ class ExamplesNet(nn.Module):
 
 
 def _data(recipe: str):
-    from .data import load_mnist
+    from ..data.mnist import load_mnist
 
     X, Y = load_mnist()  # (70000, 784) pixels / 256, as the seed's
     if recipe == "examples":  # ToTensor (/255) then Normalize((0.1307,), (0.3081,)), image-shaped
@@ -132,7 +132,7 @@ def run(recipe: str, epochs: int, seed: int = 0, max_batches: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnistlab.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mnistlab.lab.reference", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=RECIPES)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)

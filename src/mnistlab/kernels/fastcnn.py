@@ -1,25 +1,26 @@
-"""FastCNN's training step and evaluation without autograd (any widths the kernels take:
-``fastcnn``, ``widecnn``): the compiled kernels
-(:mod:`mnistlab.kernels`) for the three conv/BatchNorm/ReLU layers, NumPy for the linear head,
-the cross-entropy loss and SGD.
+"""FastCNN's initial weights, training step and evaluation without autograd (any widths the
+kernels take: ``fastcnn``, ``widecnn``): the compiled kernels (:mod:`.calls`) for the three
+conv/BatchNorm/ReLU layers and the linear head with its loss, NumPy for SGD.
 
 A step done this way skips the per-step work of PyTorch's autograd and optimizer (about a third
 of a step at the fast preset's batch of 256 on 2 cores), and this module does not import
 PyTorch, whose import alone takes 1.7 to 2.5 seconds here. The arithmetic is PyTorch's:
 ``F.cross_entropy`` with label smoothing, BatchNorm's running statistics (unbiased variance,
 momentum 0.1), and ``torch.optim.SGD``'s momentum, Nesterov momentum and weight decay; results
-agree with the PyTorch path to float32 rounding (``tests/test_fastpath.py``).
+agree with PyTorch's to float32 rounding (``tests/test_fastpath.py``).
 
-The weights live in a dict of float32 arrays named as in ``FastCNN.state_dict()``; with
-PyTorch, :func:`mnistlab.native.fast_trainer` hands in NumPy views of a model's own tensors, so
-the model is trained in place.
+The weights live in a dict of float32 arrays named as in ``FastCNN.state_dict()``, so they load
+into :class:`mnistlab.models.FastCNN`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from . import kernels
+from ..metrics import batch_mean
+from . import calls
 
 PARAMS = ("features.0.weight", "features.1.weight", "features.1.bias", "features.3.weight", "features.4.weight",
           "features.4.bias", "features.6.weight", "features.7.weight", "features.7.bias", "head.weight", "head.bias")
@@ -28,18 +29,43 @@ POSITIONS = (196, 49, 16)  # values per channel and image at each BatchNorm (14x
 BN_MOMENTUM = 0.1
 
 
+def init_state(seed: int, num_classes: int, widths: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """A FastCNN's initial weights with PyTorch's default initialisation (convolutions and the linear
+    layer uniform in +-1/sqrt(fan_in), BatchNorm weight 1, bias 0), drawn from NumPy's generator."""
+    rng = np.random.default_rng(seed)
+
+    def uniform(shape, fan_in):
+        bound = 1 / math.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    state = {}
+    c1, c2, c3 = widths
+    for (conv, bn), (c_out, c_in, k) in zip(((0, 1), (3, 4), (6, 7)), ((c1, 1, 5), (c2, c1, 3), (c3, c2, 3)),
+                                             strict=True):
+        state[f"features.{conv}.weight"] = uniform((c_out, c_in, k, k), c_in * k * k)
+        state[f"features.{bn}.weight"] = np.ones(c_out, np.float32)
+        state[f"features.{bn}.bias"] = np.zeros(c_out, np.float32)
+        state[f"features.{bn}.running_mean"] = np.zeros(c_out, np.float32)
+        state[f"features.{bn}.running_var"] = np.ones(c_out, np.float32)
+        state[f"features.{bn}.num_batches_tracked"] = np.zeros((), np.int64)
+    features = calls.fast_features(widths)
+    state["head.weight"] = uniform((num_classes, features), features)
+    state["head.bias"] = uniform((num_classes,), features)
+    return state
+
+
 class Buffers:
     """The arrays one batch size needs, reused from step to step; the backward pass's only with ``training``."""
 
     def __init__(self, n: int, classes: int, widths: tuple[int, int, int], training: bool = True):
         self.n = n
-        features = kernels.fast_features(widths)
-        self.saved = [np.empty((n, size), np.float32) for size in kernels.fast_saved(widths)]
+        features = calls.fast_features(widths)
+        self.saved = [np.empty((n, size), np.float32) for size in calls.fast_saved(widths)]
         self.feats = np.empty((n, features), np.float32)
-        self.stats = np.zeros((6, kernels.MAX_WIDTH), np.float32)
+        self.stats = np.zeros((6, calls.MAX_WIDTH), np.float32)
         self.logits = np.empty((n, classes), np.float32)
         if training:
-            self.scratch = [np.empty((n, size), np.float32) for size in kernels.fast_scratch(widths)]
+            self.scratch = [np.empty((n, size), np.float32) for size in calls.fast_scratch(widths)]
             self.gfeat = np.empty((n, features), np.float32)
 
 
@@ -50,7 +76,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def running_stats(state: dict) -> np.ndarray:
     """The BatchNorm layers' running means and variances as the kernels take them, (6, MAX_WIDTH)."""
-    stats = np.zeros((6, kernels.MAX_WIDTH), np.float32)
+    stats = np.zeros((6, calls.MAX_WIDTH), np.float32)
     for k, bn in enumerate(BATCHNORMS):
         c = len(state[f"{bn}.running_mean"])
         stats[2 * k, :c] = state[f"{bn}.running_mean"]
@@ -83,23 +109,29 @@ def logits(state: dict, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         if x.dtype == np.uint8:
             xb *= np.float32(1 / 256)
         if buffers is None or buffers.n != len(xb):
-            buffers = Buffers(len(xb), out.shape[1], kernels.param_widths(params), training=False)
-        feats, _ = kernels.fastcnn_forward(xb, params[:9], stats, True, buffers.saved, buffers.feats)
-        out[start : start + len(xb)] = kernels.fastcnn_head(feats, params[9], params[10], logits=buffers.logits)
+            buffers = Buffers(len(xb), out.shape[1], calls.param_widths(params), training=False)
+        feats, _ = calls.fastcnn_forward(xb, params[:9], stats, True, buffers.saved, buffers.feats)
+        out[start : start + len(xb)] = calls.fastcnn_head(feats, params[9], params[10], logits=buffers.logits)
     return out
 
 
 def evaluate(state: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 128) -> dict:
     """:func:`mnistlab.evaluate`'s numbers in evaluation mode: ``loss`` (the mean over batches of
-    ``batch_size`` rows of each batch's mean cross-entropy, as the seed computes it), ``acc``, and
-    ``proba``, the class probabilities (n, C) float32."""
+    ``batch_size`` rows of each batch's mean cross-entropy, as the seed computes it), ``acc``,
+    ``proba``, the class probabilities (n, C) float32, and ``spread`` (:func:`output_spread`)."""
     z = logits(state, x)
     y = np.asarray(y, np.int64)
     logp = log_softmax(z)
     per_row = -logp[np.arange(len(y)), y].astype(np.float64)
-    means = [per_row[i : i + batch_size].mean() for i in range(0, len(y), batch_size)]
-    return {"loss": float(np.mean(means)) if means else float("nan"),
-            "acc": float((z.argmax(axis=1) == y).mean()) if len(y) else float("nan"), "proba": np.exp(logp)}
+    return {"loss": batch_mean(per_row, batch_size),
+            "acc": float((z.argmax(axis=1) == y).mean()) if len(y) else float("nan"), "proba": np.exp(logp),
+            "spread": output_spread(z)}
+
+
+def output_spread(z: np.ndarray) -> float:
+    """How much the outputs ``z`` (n, C) vary from image to image: the largest range of any class's
+    value over the rows. 0 when every image gets the same outputs (a collapsed network)."""
+    return float((z.max(axis=0) - z.min(axis=0)).max()) if len(z) > 1 else float("nan")
 
 
 class FastCNNStep:
@@ -129,14 +161,14 @@ class FastCNNStep:
         returns the batch's mean loss (cross-entropy with the label smoothing)."""
         n = len(x)
         if self._buffers is None or self._buffers.n != n:
-            self._buffers = Buffers(n, len(self.state["head.bias"]), kernels.param_widths(self.params))
+            self._buffers = Buffers(n, len(self.state["head.bias"]), calls.param_widths(self.params))
         buf = self._buffers
         x = np.ascontiguousarray(x, np.float32).reshape(n, 784)
         buf.stats.fill(0)
-        feats, saved = kernels.fastcnn_forward(x, self.params[:9], buf.stats, False, buf.saved, buf.feats)
-        loss, gfeat, _, _ = kernels.fastcnn_head(feats, self.params[9], self.params[10], y, self.label_smoothing,
+        feats, saved = calls.fastcnn_forward(x, self.params[:9], buf.stats, False, buf.saved, buf.feats)
+        loss, gfeat, _, _ = calls.fastcnn_head(feats, self.params[9], self.params[10], y, self.label_smoothing,
                                                  buf.logits, (buf.gfeat, self.grads[9], self.grads[10]))
-        kernels.fastcnn_backward(self.params[:9], saved, buf.stats, gfeat, self.grads[:9], buf.scratch)
+        calls.fastcnn_backward(self.params[:9], saved, buf.stats, gfeat, self.grads[:9], buf.scratch)
         update_running(self.state, buf.stats, n)
         self._sgd(lr)
         return loss

@@ -1,9 +1,10 @@
-"""FastCNN runs without PyTorch (mnistlab.fastrun): when they apply, what they write, and that
-the rest of the tool reads their runs as PyTorch's."""
+"""The two engines behind one driver: the rule that picks one, what the kernel engine writes, and
+that every command reads its runs as the PyTorch engine's."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,34 +13,58 @@ import pytest
 import torch
 
 import mnistlab
-from mnistlab import fastpath, fastrun, native
 from mnistlab.cli import main
-from mnistlab.config import FASTCNN_WIDTHS, TrainConfig
-from mnistlab.rundir import RUN_FILES
+from mnistlab.config import AUGMENT_NAMES, FASTCNN_WIDTHS, MODEL_NAMES, TrainConfig
+from mnistlab.errors import UsageError
+from mnistlab.evaluation import evaluate_run
+from mnistlab.kernels import build, fastcnn
+from mnistlab.run import checkpoint
+from mnistlab.run.rundir import RUN_FILES
+from mnistlab.train import device, engine
+from mnistlab.train.augment import AUGMENTS
 
 
 @pytest.fixture(autouse=True)
 def _kernels():
-    if not native.available():
-        pytest.skip(f"no compiled kernels: {native.why_unavailable()}")
+    if not build.available():
+        pytest.skip(f"no compiled kernels: {build.why_unavailable()}")
 
 
-def test_applies_to_fastcnn_on_the_cpu_without_augmentation_averaging_or_tta():
-    assert fastrun.applies(TrainConfig.from_preset("fast"))
-    assert fastrun.applies(TrainConfig(model="fastcnn", device="cpu"))
-    assert fastrun.applies(TrainConfig(model="widecnn", device="cpu"))
-    assert not fastrun.applies(TrainConfig(model="bncnn", device="cpu"))
-    assert not fastrun.applies(TrainConfig(model="cnn"))
-    assert not fastrun.applies(TrainConfig.from_preset("fast", device="cuda"))
-    assert not fastrun.applies(TrainConfig.from_preset("fast", augment="affine"))
-    assert not fastrun.applies(TrainConfig.from_preset("fast", ema=0.99))
-    assert not fastrun.applies(TrainConfig.from_preset("fast", tta=True))
+def test_the_rule_picks_the_kernel_engine_for_fastcnn_models_on_the_cpu(monkeypatch):
+    for preset in ("fast", "best"):
+        assert engine.choose_engine(TrainConfig.from_preset(preset), "cpu") == engine.KERNELS
+    for name in FASTCNN_WIDTHS:
+        for extra in ({}, {"augment": "affine"}, {"ema": 0.99}, {"tta": True}):
+            assert engine.choose_engine(TrainConfig(model=name, **extra), "cpu") == engine.KERNELS
+        assert engine.choose_engine(TrainConfig(model=name), "cuda") == engine.PYTORCH
+    for name in set(MODEL_NAMES) - set(FASTCNN_WIDTHS):
+        assert engine.choose_engine(TrainConfig(model=name), "cpu") == engine.PYTORCH
+    monkeypatch.setattr(build, "available", lambda: False)
+    assert engine.choose_engine(TrainConfig.from_preset("fast"), "cpu") == engine.PYTORCH
+
+
+def test_the_device_rule(monkeypatch):
+    assert device.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(device, "gpu_visible", lambda: False)
+    assert device.resolve_device("auto") == "cpu"
+    with pytest.raises(UsageError, match="expected one of: auto, cpu, cuda"):
+        device.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available here"):
+            device.resolve_device("cuda")
+        monkeypatch.setattr(device, "gpu_visible", lambda: True)  # a GPU PyTorch cannot use: the CPU
+        assert device.resolve_device("auto") == "cpu"
+
+
+def test_names_the_command_line_offers_are_the_registries():
+    assert set(MODEL_NAMES) == set(mnistlab.list_models())  # the built-in models, no test registers more
+    assert set(AUGMENT_NAMES) == set(AUGMENTS)
 
 
 @pytest.mark.parametrize("name", ["fastcnn", "widecnn"])
 def test_initial_weights_have_pytorchs_layout_and_distributions(name):
     widths = FASTCNN_WIDTHS[name]
-    state = fastrun.init_state(0, 10, widths)
+    state = fastcnn.init_state(0, 10, widths)
     reference = mnistlab.create_model(name).state_dict()
     assert state.keys() == reference.keys()
     for key, value in reference.items():
@@ -50,37 +75,27 @@ def test_initial_weights_have_pytorchs_layout_and_distributions(name):
         bound = 1 / np.sqrt(fan_in)
         near = 0.9 if state[key].size >= 100 else 0.3  # how close the largest of that many draws comes
         assert np.abs(state[key]).max() <= bound and np.abs(state[key]).max() > near * bound, key
-    assert np.array_equal(fastrun.init_state(0, 10, widths)["head.weight"], state["head.weight"])  # repeatable
-    assert not np.array_equal(fastrun.init_state(1, 10, widths)["head.weight"], state["head.weight"])
+    assert np.array_equal(fastcnn.init_state(0, 10, widths)["head.weight"], state["head.weight"])  # repeatable
+    assert not np.array_equal(fastcnn.init_state(1, 10, widths)["head.weight"], state["head.weight"])
     model = mnistlab.create_model(name)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})  # strict: every key, every shape
 
 
-def test_evaluation_matches_pytorchs(mnist):
-    state = fastrun.init_state(3, 10)
+def test_evaluation_matches_pytorchs(mnist, monkeypatch):
+    state = fastcnn.init_state(3, 10, FASTCNN_WIDTHS["fastcnn"])
     rng = np.random.default_rng(0)
     for k in ("features.1.running_mean", "features.4.running_var", "features.7.bias"):
         state[k] = state[k] + rng.uniform(0.1, 0.5, state[k].shape).astype(np.float32)
     model = mnistlab.create_model("fastcnn")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     x, y = mnist.images[50000:50700], mnist.labels[50000:50700]
-    ours = fastpath.evaluate(state, x, y, batch_size=128)
-    with native_off():
-        theirs = mnistlab.evaluate(model, x, y, batch_size=128, keep_proba=True)
+    ours = fastcnn.evaluate(state, x, y, batch_size=128)
+    monkeypatch.setattr("mnistlab.evaluation.forward_for", lambda model, x: model)  # PyTorch's own layers
+    theirs = mnistlab.evaluate(model, x, y, batch_size=128, keep_proba=True)
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     assert ours["acc"] == theirs["acc"]
+    assert ours["spread"] == pytest.approx(theirs["spread"], rel=1e-4) and ours["spread"] > 0.1
     np.testing.assert_allclose(ours["proba"], theirs["proba"], atol=1e-5)
-
-
-class native_off:
-    """PyTorch's own layers for the reference numbers."""
-
-    def __enter__(self):
-        self.patch = pytest.MonkeyPatch()
-        self.patch.setattr(native, "forward_for", lambda model, x: model)
-
-    def __exit__(self, *exc):
-        self.patch.undo()
 
 
 def test_a_run_writes_what_pytorchs_runs_write_and_reads_back_the_same(tmp_path, small_dir):
@@ -92,7 +107,7 @@ def test_a_run_writes_what_pytorchs_runs_write_and_reads_back_the_same(tmp_path,
     assert summary["engine"] == "fastpath" and summary["epochs"] == 2 and summary["num_parameters"] == 33914
     assert summary["valid_acc"] > 0.5  # 600 images, 2 gentle epochs: it learned
     assert isinstance(result.model, torch.nn.Module)  # the API hands back the trained model as usual
-    evaluated = mnistlab.runs.evaluate_run(run)
+    evaluated = evaluate_run(run)
     assert evaluated["valid_acc"] == summary["valid_acc"]
     assert evaluated["valid_loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
     again = mnistlab.train_run(config, tmp_path / "again")
@@ -100,6 +115,25 @@ def test_a_run_writes_what_pytorchs_runs_write_and_reads_back_the_same(tmp_path,
     other = mnistlab.train_run(TrainConfig.from_preset("fast", epochs=2, batch_size=32, data_dir=str(small_dir),
                                                        seed=1), tmp_path / "other")
     assert other.summary["valid_loss"] != summary["valid_loss"]
+
+
+def test_augmentation_averaging_and_tta_on_the_kernel_engine(tmp_path, small_dir):
+    """What --preset best asks of it: repeatable, the final weights the average, TTA scored as evaluate does."""
+    config = TrainConfig.from_preset("best", epochs=2, lr=0.05, ema=0.9, split="seed", data_dir=str(small_dir))
+    first = mnistlab.train_run(config, tmp_path / "a")
+    mnistlab.train_run(config, tmp_path / "b")
+    assert first.summary["engine"] == "fastpath" and first.summary["tta"] is True
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    no_aug = mnistlab.train_run(TrainConfig.from_dict({**config.to_dict(), "augment": "none"}), tmp_path / "c")
+    assert no_aug.summary["train_loss"] != first.summary["train_loss"]  # the maps changed the batches
+    meta, arrays = checkpoint.read_state(tmp_path / "a")
+    weights = checkpoint.read_weights(tmp_path / "a")
+    for k, v in weights.items():  # model.safetensors holds the weight average, not the last step's weights
+        np.testing.assert_array_equal(v, arrays[f"ema.{k}"])
+    assert any(not np.array_equal(arrays[f"model.{k}"], arrays[f"ema.{k}"]) for k in fastcnn.PARAMS)
+    evaluated = evaluate_run(tmp_path / "a")  # PyTorch's layers, TTA as the run was configured
+    assert evaluated["tta"] and evaluated["valid_acc"] == pytest.approx(first.summary["valid_acc"], abs=1 / 229)
+    assert evaluated["valid_loss"] == pytest.approx(first.summary["valid_loss"], rel=1e-4)
 
 
 def test_the_command_line_trains_fastcnn_without_importing_torch(tmp_path, small_dir):
@@ -111,30 +145,22 @@ def test_the_command_line_trains_fastcnn_without_importing_torch(tmp_path, small
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["engine"] == "fastpath"
 
 
-def test_a_pytorch_run_of_fastcnn_resumes_through_pytorch(tmp_path, small_dir, monkeypatch, capsys):
+def test_a_pytorch_run_of_fastcnn_resumes_through_pytorch(tmp_path, small_dir, monkeypatch):
     """A FastCNN run made where the kernels were off keeps PyTorch's checkpoint; --resume continues it there."""
     run = tmp_path / "run"
-    monkeypatch.setattr(fastrun, "applies", lambda config: False)
+    monkeypatch.setattr(engine, "choose_engine", lambda config, device: engine.PYTORCH)
     args = ["train", "--model", "fastcnn", "--epochs", "1", "--data-dir", str(small_dir), "--out", str(run)]
     assert main(args) == 0
     assert json.loads((run / "summary.json").read_text())["engine"] == "pytorch"
-    assert not fastrun.trained_here(run)
+    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "pytorch"
+    monkeypatch.undo()
     (run / "summary.json").unlink()
     assert main(["train", "--resume", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["engine"] == "pytorch"
 
 
-def test_the_command_lines_model_names_are_the_registrys():
-    from mnistlab.config import MODEL_NAMES
-
-    assert set(MODEL_NAMES) <= set(mnistlab.list_models())
-    assert set(MODEL_NAMES) == set(mnistlab.list_models())  # the built-in models, no test registers more
-
-
 def test_a_run_gives_the_same_weights_on_one_thread_or_two(tmp_path, small_dir):
     """The kernels add their slices' sums in a fixed order and the rest is element-wise: bit for bit."""
-    import os
-
     weights = []
     for threads in ("1", "2"):
         out = tmp_path / f"t{threads}"
@@ -150,11 +176,12 @@ def test_resuming_without_the_kernels_is_refused_in_one_line(tmp_path, small_dir
     run = tmp_path / "run"
     assert main(["train", "--model", "fastcnn", "--epochs", "2", "--data-dir", str(small_dir), "--out", str(run)]) == 0
     (run / "summary.json").unlink()
-    assert fastrun.trained_here(run)
+    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "fastpath"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
-    monkeypatch.setattr(fastrun.kernels, "available", lambda: False)
-    monkeypatch.setattr(fastrun.kernels, "why_unavailable", lambda: "turned off by MNISTLAB_NATIVE=0")
+    monkeypatch.setattr(build, "available", lambda: False)
+    monkeypatch.setattr(build, "why_unavailable", lambda: "turned off by MNISTLAB_NATIVE=0")
     assert main(["train", "--resume", str(run)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "compiled kernels, which are not available here" in err, err
-    assert (run / "checkpoint.safetensors").exists() and (run / "model.safetensors").exists()  # nothing lost
+    assert err.count("\n") == 1 and "cannot continue here" in err and "MNISTLAB_NATIVE=0" in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost, nothing changed

@@ -1,0 +1,168 @@
+"""The ``pytorch`` engine: the seed's training loop, with its gaps filled the way its text says.
+
+Each epoch: reshuffle, ``model.train()``, then per batch forward, cross-entropy, backward,
+``opt.step()``, ``opt.zero_grad()``; then ``model.eval()`` and the validation loss averaged
+over validation batches (batch size twice the training one, as in the PyTorch tutorial the seed
+follows). Batches are sliced from tensors held in memory: no per-sample Python work, no
+DataLoader. The shuffled order is nevertheless the one the seed's
+``DataLoader(train_ds, batch_size=64, shuffle=True)`` draws from torch's global random
+generator, so a run seeded like the seed's code sees the same batches. On the CPU the seed's CNN
+and FastCNN run in the compiled kernels through autograd (:mod:`mnistlab.kernels.autograd`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrainConfig
+from ..evaluation import as_tensor, evaluate, predict_proba, prepare
+from ..kernels.autograd import fast_supported, forward_for
+from ..kernels.build import available
+from ..models import count_parameters, create_model
+from ..run.checkpoint import prefixed
+from .allocator import keep_freed_memory
+from .augment import AUGMENTS
+from .engine import PYTORCH
+from .optim import SGD, WeightAverage
+from .schedule import learning_rate
+
+
+def _draw_seed() -> int:
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def dataloader_order(n: int) -> torch.Tensor:
+    """The permutation one epoch of ``DataLoader(..., shuffle=True)`` yields, drawn the same way.
+
+    Iterating such a loader draws a base seed for its workers from torch's global
+    generator, then its RandomSampler draws a seed for a fresh generator and takes
+    ``randperm(n)`` from it.
+    """
+    _draw_seed()  # the loader iterator's base seed
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed()))
+
+
+def _arrays(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}
+
+
+class TorchEngine:
+    """Trains ``model`` (any ``nn.Module`` taking (B, 784) pixels in [0, 1)) on ``device``."""
+
+    name = PYTORCH
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: str):
+        self.model, self.config, self.device = model, config, device
+        self.torch_device = torch.device(device)
+        model.to(self.torch_device)
+        self.opt = SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay)
+        self.average = WeightAverage(model, config.ema) if config.ema > 0 else None
+        if device == "cpu":
+            # oneDNN runs these convolutions 1.25-1.33x faster channels-last, and a step's buffers are
+            # reused instead of page-faulted in afresh (benchmarks/bench_choices.py). The compiled
+            # kernels take FastCNN's weights as they are (contiguous).
+            if not (fast_supported(model) and available()):
+                model.to(memory_format=torch.channels_last)
+                if self.average is not None:
+                    self.average.model.to(memory_format=torch.channels_last)
+            keep_freed_memory()
+        self.augment = AUGMENTS[config.augment]
+        self.num_parameters = count_parameters(model)
+
+    @classmethod
+    def create(cls, config: TrainConfig, num_classes: int, device: str) -> TorchEngine:
+        """A registry model built right after ``torch.manual_seed(config.seed)``, as the seed's code does."""
+        torch.manual_seed(config.seed)
+        return cls(create_model(config.model, num_classes=num_classes), config, device)
+
+    def set_data(self, x_train, y_train, x_valid, y_valid) -> None:
+        d = self.torch_device
+        self.x_train, self.y_train = as_tensor(x_train, d), as_tensor(y_train, d).long()
+        self.x_valid, self.y_valid = as_tensor(x_valid, d), as_tensor(y_valid, d).long()
+
+    def train_epoch(self, epoch: int, on_batch=None) -> float:
+        """One pass in a fresh random order; the mean of the batch losses."""
+        model, opt, c, x, y = self.model, self.opt, self.config, self.x_train, self.y_train
+        model.train()
+        n = len(x)
+        order = dataloader_order(n).to(x.device)
+        n_batches = math.ceil(n / c.batch_size)
+        total = torch.zeros((), device=x.device)
+        forward = forward_for(model, x)  # the compiled kernels for the seed's CNN and FastCNN on a CPU
+        for b in range(n_batches):
+            if c.schedule != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
+                                                c.warmup)
+            idx = order[b * c.batch_size : (b + 1) * c.batch_size]
+            xb = prepare(x[idx])
+            if self.augment is not None:
+                xb = self.augment(xb)
+            loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=c.label_smoothing)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.average is not None:
+                self.average.update(model)
+            total += loss.detach()
+            if on_batch is not None:
+                on_batch(b, n_batches, float(loss.detach()))
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(total) / n_batches
+
+    def validate(self, keep_proba: bool) -> dict:
+        scored = self.average.model if self.average is not None else self.model
+        result = evaluate(scored, self.x_valid, self.y_valid, batch_size=2 * self.config.batch_size,
+                          keep_proba=keep_proba)
+        _draw_seed()  # iterating the seed's valid_dl draws a base seed too
+        return result
+
+    def end_training(self) -> None:
+        if self.average is not None:
+            self.model.load_state_dict(self.average.model.state_dict())
+
+    def predict_proba(self, x, tta: bool = False) -> np.ndarray:
+        return predict_proba(self.model, x, tta=tta)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k[6:]: v for k, v in _arrays(self.model.state_dict(), "model").items()}
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = _arrays(self.model.state_dict(), "model")
+        if self.average is not None:
+            arrays.update(_arrays(self.average.state_dict(), "ema"))
+        opt_state = self.opt.state_dict()
+        for index, state in opt_state["state"].items():
+            arrays.update(_arrays({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, f"opt.{index}"))
+        arrays["rng"] = torch.get_rng_state().numpy()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # augmentation draws on the GPU there
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                arrays[f"cuda_rng.{i}"] = s.numpy()
+        return arrays, {"param_groups": opt_state["param_groups"]}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        self.model.load_state_dict(prefixed(tensors, "model"))
+        if self.average is not None:
+            self.average.load_state_dict(prefixed(tensors, "ema"))
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_rng.")),
+                                           key=lambda k: int(k.split(".")[1]))]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+    def torch_model(self) -> nn.Module:
+        return self.model
