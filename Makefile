@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -c "from mnistlab import native; native.available() or print('compiled kernels unavailable:', native.why_unavailable())"
+	$(PY) -c "from mnistlab.kernels import build; build.available() or print('compiled kernels unavailable:', build.why_unavailable())"
 	touch $@
 
 train: setup

@@ -1,4 +1,4 @@
-"""The compiled kernels for the seed's CNN (mnistlab.native) against PyTorch's autograd."""
+"""The compiled kernels for the seed's CNN (mnistlab.kernels.autograd) against PyTorch's autograd."""
 
 import os
 import subprocess

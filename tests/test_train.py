@@ -76,7 +76,7 @@ def test_training_matches_the_seeds_code_batch_for_batch(slices):
     ours = mnistlab.models.CNN()
     history = mnistlab.fit(ours, x_train, y_train, x_valid, y_valid, epochs=2, device="cpu")
     assert history.valid_loss == pytest.approx(seed_valid, rel=1e-4)
-    # Rounding differs (channels-last layout, the compiled kernels of mnistlab.native) and
+    # Rounding differs (channels-last layout, the compiled kernels, mnistlab.kernels) and
     # momentum carries it through 32 steps: ~5e-4 at most; another batch order moves weights by 4e-3 to 5e-2.
     for a, b in zip(ours.parameters(), seed_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -1,6 +1,6 @@
 """MNIST as arrays: the shipped IDX files, any MNIST-format directory, and the seed's split.
 
-The four original MNIST files ship inside the package (``_data/mnist``). On first use
+The four original MNIST files ship inside the package (``data/_mnist``). On first use
 their decompressed bytes are checked against the published SHA-256 values and the
 decoded arrays are cached as uint8 ``.npy`` files, so later loads are a memory copy.
 """
