@@ -154,8 +154,14 @@ def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
     assert "seed 0 epoch   1/1" in text and "seed 1 epoch   1/1" in text
     assert main(["train", "--seeds", "0,1", "--seed", "3", "--data-dir", str(small_dir)]) == 2
     assert "leave out --resume and --seed" in capsys.readouterr().err
-    assert run_cli(["train", "--seeds", "0,x"]) == 2
-    assert "comma-separated integers" in capsys.readouterr().err
+    for bad in ("0,x", "3-1", "0,0", "-2", "1-"):
+        assert run_cli(["train", "--seeds", bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--seeds" in err and ("0,1,2 or 0-9" in err or "distinct" in err or
+                                                               "at least one" in err), err
+    from mnistlab.cli import seed_list
+
+    assert seed_list("0-3,7") == (0, 1, 2, 3, 7) and seed_list("5") == (5,)
 
     runs = [str(out / "seed-0"), str(out / "seed-1")]
     assert main(["ensemble", *runs, "--json"]) == 0

@@ -56,11 +56,17 @@ def port_number(text: str) -> int:
 
 
 def seed_list(text: str) -> tuple[int, ...]:
-    """'0,1,2' -> (0, 1, 2): distinct non-negative integers."""
+    """'0,1,2' -> (0, 1, 2), '0-9' -> (0, ..., 9), or both mixed: distinct non-negative integers."""
     try:
-        seeds = tuple(int(part) for part in text.split(","))
+        seeds = []
+        for part in text.split(","):
+            first, sep, last = part.partition("-")
+            seeds += list(range(int(first), int(last) + 1)) if sep and first else [int(part)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2 or 0-9, got {text!r}") from None
+    seeds = tuple(seeds)
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
     return seeds
@@ -113,8 +119,16 @@ def _add_train(sub) -> None:
                    help="score the final model with test-time augmentation: probabilities averaged over each "
                         "validation image and its 8 one-pixel shifts (default: off; on in --preset best)")
     p.add_argument("--seed", type=int, default=None, help="random seed for weights and shuffling (default: 0)")
-    p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...|A-B",
                    help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="with --seeds: queue the seeds in this Optuna storage (sqlite:///PATH or "
+                        "postgresql://USER@HOST/DB); every process started with the same command trains the next "
+                        "unclaimed seed, each exactly once (default: train them here, one after another)")
+    p.add_argument("--study", default=None, help="with --storage: the queue's name (default: seeds-OUT's name)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON config, e.g. a search's best.json or a run's config.json; explicit options "
+                        "override its values")
     p.add_argument("--split", default=None, choices=list(SPLITS),
                    help="seed: first 50,000 train / last 20,000 valid; standard: 60,000 / the 10,000 test images; "
                         "holdout: the training images alone, 50,000 / 10,000, for tuning (default: seed)")
@@ -128,6 +142,35 @@ def _add_train(sub) -> None:
                    help="auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
                         "(default: auto)")
     p.set_defaults(func=cmd_train)
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="hyperparameter search on Optuna; every trial a run directory",
+                       description="Search a declared space with Optuna's TPE sampler (seeded), pruning trials "
+                                   "on their per-epoch validation accuracy. Trials are run directories OUT/trial-N; "
+                                   "OUT/best.json is the best config. Start the same command in more processes "
+                                   "(on other machines with --storage postgresql://...) to share the work.")
+    p.add_argument("out", metavar="OUT", help="folder for the trials' run directories (shared by the workers)")
+    p.add_argument("--trials", type=positive_int, default=20, help="finished trials in the study (default: 20)")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="JSON space: {\"base\": {TrainConfig values}, \"params\": {NAME: {\"type\": float|int|"
+                        "categorical, ...}}} (default: lr, weight decay, momentum, label smoothing, batch size, "
+                        "epochs, fastcnn/widecnn, augmentation around the fast preset)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
+                        "sqlite:///OUT/study.db)")
+    p.add_argument("--study", default=None, help="study name in the storage (default: search)")
+    p.add_argument("--split", default="holdout", choices=list(SPLITS),
+                   help="only holdout is allowed: the others' validation parts hold the test images (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's run (default: 0)")
+    p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")
+    p.add_argument("--device", default="auto", choices=list(DEVICES), help="(default: auto)")
+    p.add_argument("--heartbeat", type=positive_int, default=30, metavar="SECONDS",
+                   help="a worker silent for 3 heartbeats is taken as dead and its trial continued by another "
+                        "(default: 30)")
+    p.add_argument("--show", action="store_true", help="print the trials and the best, and write best.json")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_search)
 
 
 def _add_evaluate(sub) -> None:
@@ -166,7 +209,7 @@ def _add_show(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="write RUN_DIR/report.html, one self-contained page")
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (or a search folder's), one self-contained page")
     p.add_argument("run_dir", help="a run directory made by 'mnistlab train'")
     p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
@@ -231,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
+    _add_search(sub)
     _add_evaluate(sub)
     _add_predict(sub)
     _add_show(sub)
@@ -295,6 +339,10 @@ def cmd_train(args) -> int:
     from .run.driver import resume_run, train_run
     from .run.rundir import default_run_dir, read_config
 
+    if args.config is not None and args.preset is not None:
+        raise UsageError("give --config or --preset, not both")
+    if (args.storage is not None or args.study is not None) and args.seeds is None:
+        raise UsageError("--storage and --study queue seeds; give --seeds too")
     if args.seeds is not None:
         return _train_seeds(args)
     if args.resume is not None:
@@ -328,11 +376,37 @@ def cmd_train(args) -> int:
 def _config_from_args(args):
     from .config import TrainConfig
 
+    base = _read_config_file(args.config) if args.config else {}
+    if base and args.preset is None:
+        return TrainConfig.from_dict({**base, **{k: v for k, v in _option_values(args).items() if v is not None}})
     return TrainConfig.from_preset(
         args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
         data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta)
+
+
+def _option_values(args) -> dict:
+    names = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta")
+    return {name: getattr(args, name) for name in names}
+
+
+def _read_config_file(path: str) -> dict:
+    from .config import TrainConfig
+
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--config {path}: not a JSON config ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of training settings")
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__) - {"resolved_device"}
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting {sorted(unknown)[0]!r}")
+    return {k: v for k, v in values.items() if k != "resolved_device"}
 
 
 def _train_seeds(args) -> int:
@@ -343,6 +417,8 @@ def _train_seeds(args) -> int:
         raise UsageError("--seeds trains fresh runs; leave out --resume and --seed (resume one OUT/seed-S instead)")
     config = _config_from_args(args)
     out = Path(args.out) if args.out else default_run_dir(config.model)
+    if args.storage is not None:
+        return _queued_seeds(args, config, out)
     print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}: {config.epochs} epochs, batch "
           f"{config.batch_size}, {describe_sgd(config)}, split {config.split}; runs in {out}", flush=True)
 
@@ -361,6 +437,67 @@ def _train_seeds(args) -> int:
               f"mnistlab train --resume {out}/seed-S", file=sys.stderr)
         return 130
     print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
+    return 0
+
+
+def _queued_seeds(args, config, out: Path) -> int:
+    from .lab.seeds import format_spread, train_queued_seeds
+
+    print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))} queued in {args.storage}: "
+          f"{config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, split {config.split}; "
+          f"runs in {out}", flush=True)
+
+    def on_run(seed, result) -> None:
+        s = result.summary
+        print(f"seed {seed}: valid_acc {100 * s['valid_acc']:.2f}%  trained in {s['train_seconds']:.1f}s -> "
+              f"{result.run_dir}", flush=True)
+
+    def on_epoch(seed: int, r: dict) -> None:
+        print(f"seed {seed} {epoch_line(r, config.epochs)}", flush=True)
+
+    summary = train_queued_seeds(config, list(args.seeds), out, args.storage, args.study, on_run=on_run,
+                                 on_epoch=on_epoch)
+    if summary is None:
+        print("no seed left to claim; the others are still training elsewhere")
+    else:
+        print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .lab import search
+
+    if args.show:
+        return _print_search(search.show(args.out, args.storage, args.study), args.json)
+    space = search.load_space(args.space) if args.space else None
+
+    def on_trial(row: dict) -> None:
+        acc = f"{100 * row['valid_acc']:.2f}%" if row["valid_acc"] is not None else "-"
+        print(f"trial {row['number']}: {row['state']}, valid_acc {acc} after epoch {row['epochs']}, "
+              f"{json.dumps(row['params'])}", flush=True)
+
+    print(f"searching into {args.out}: {args.trials} trials in all, split {args.split}", flush=True)
+    result = search.search(args.out, args.trials, space=space, storage=args.storage, study_name=args.study,
+                           split=args.split, data_dir=args.data_dir, seed=args.seed, device=args.device,
+                           heartbeat=args.heartbeat, on_trial=on_trial)
+    return _print_search(result, args.json)
+
+
+def _print_search(result: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'trial':>5}  {'state':<8}  {'valid_acc':>9}  {'epochs':>6}  params")
+    for r in result["trials"]:
+        acc = f"{100 * r['valid_acc']:.2f}%" if r["valid_acc"] is not None else "-"
+        params = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["params"].items())
+        print(f"{r['number']:>5}  {r['state']:<8}  {acc:>9}  {r['epochs'] or '-':>6}  {params}")
+    best = result["best"]
+    if best is None:
+        print("no trial finished yet")
+    else:
+        print(f"best: trial {best['number']}, valid_acc {100 * best['valid_acc']:.2f}% ({best['run_dir']}); "
+              f"its config is in best.json")
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from .files import write_bytes_atomic
 
@@ -161,6 +162,42 @@ def plot_compare(histories: dict[str, list[dict]]) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _margins(fig, 0.75, 0.2, 0.55, 0.4, wspace=0.3)
+    return fig
+
+
+def plot_search_history(trials: list[dict]) -> Figure:
+    """A search's trials in order: each finished trial's validation accuracy (pruned ones at their last
+    reported epoch are left out), and the best so far."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    done = [t for t in trials if t["state"] == "complete" and t["valid_acc"] is not None]
+    x = [t["number"] for t in done]
+    y = [100 * t["valid_acc"] for t in done]
+    ax.plot(x, y, "o", color="tab:blue", label="trial")
+    best = [max(y[: k + 1]) for k in range(len(y))]
+    ax.step(x, best, where="post", color="tab:red", label="best so far")
+    pruned = sum(t["state"] == "pruned" for t in trials)
+    ax.set(xlabel="trial", ylabel="validation accuracy (%)",
+           title=f"Search: {len(done)} trials finished, {pruned} pruned")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if done:
+        ax.legend(fontsize=8)
+    _margins(fig, 0.75, 0.2, 0.55, 0.4)
+    return fig
+
+
+def plot_importances(importances: dict[str, float]) -> Figure:
+    """How much of the accuracy's variation each searched setting explains (Optuna's estimate)."""
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(6.4, 0.5 + 0.35 * max(len(names), 1) + 0.8))
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (share of the variation explained)", title="Settings' importance")
+    if not names:
+        ax.text(0.5, 0.5, "too few finished trials", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3, axis="x")
+    _margins(fig, 1.4, 0.2, 0.55, 0.4)
     return fig
 
 

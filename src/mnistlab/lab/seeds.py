@@ -6,6 +6,7 @@ import os
 import statistics
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..data.mnist import Dataset, load_dataset
@@ -57,3 +58,70 @@ def format_spread(s: dict) -> str:
     """A fraction's spread as percentages: '99.03% ± 0.05 (min 98.97, max 99.08, 3 runs)'."""
     return (f"{100 * s['mean']:.2f}% ± {100 * s['std']:.2f} (min {100 * s['min']:.2f}, max {100 * s['max']:.2f}, "
             f"{s['n']} runs)")
+
+
+def train_queued_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, storage: str,
+                       study_name: str | None = None, *, heartbeat: int = 30, dataset: Dataset | None = None,
+                       on_run: Callable[[int, RunResult | None], None] | None = None,
+                       on_epoch: Callable[[int, dict], None] | None = None) -> dict | None:
+    """:func:`train_seeds` shared by any number of processes through an Optuna storage: the seeds are
+    queued once, each process trains the next unclaimed one into ``out/seed-S`` until none is left, a
+    dead worker's seed is taken over from its checkpoint. Returns the summary (and writes
+    ``seeds.json``) once every seed has finished; None while others are still training."""
+    import optuna
+
+    from ..errors import TrainingDiverged
+    from ..run.checkpoint import STATE
+    from ..run.driver import resume_run
+    from ..run.rundir import SUMMARY, read_summary
+    from .studies import connect, counts, open_study, storage_url, system_attrs
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds must be distinct, got {list(seeds)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage_url(out, storage)
+    name = study_name or f"seeds-{out.resolve().name}"
+    attrs = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds)}
+    study, created = open_study(url, name, heartbeat, attrs)
+    ds = dataset if dataset is not None else load_dataset(config.data_dir)
+
+    def objective(trial) -> float:
+        if "fixed_params" not in system_attrs(trial):  # the queue ran dry between the check and the claim
+            trial.set_user_attr("empty", True)
+            raise optuna.TrialPruned("no seed left")
+        seed = trial.suggest_int("seed", min(seeds), max(seeds))
+        run_dir = out / f"seed-{seed}"
+        trial.set_user_attr("run_dir", run_dir.name)
+        epoch_hook = (lambda record: on_epoch(seed, record)) if on_epoch is not None else None
+        if (run_dir / SUMMARY).is_file():  # finished, but its worker died before telling
+            return read_summary(run_dir)["valid_acc"]
+        if (run_dir / STATE).is_file() and system_attrs(trial).get("failed_trial") is not None:
+            result = resume_run(run_dir, dataset=ds, on_epoch=epoch_hook)
+        else:
+            result = train_run(replace(config, seed=seed), run_dir, force=True, dataset=ds, on_epoch=epoch_hook)
+        if on_run is not None:
+            on_run(seed, result)
+        return result.summary["valid_acc"]
+
+    with connect(url):
+        if created:
+            for seed in seeds:
+                study.enqueue_trial({"seed": seed})
+        while counts(study).get("waiting", 0) > 0:
+            study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
+        done = {t.params["seed"]: t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE and "seed" in t.params}
+    if set(done) != set(seeds):
+        return None
+    runs = []
+    for seed in seeds:
+        s = read_summary(out / f"seed-{seed}")
+        runs.append({"seed": seed, "run_dir": f"seed-{seed}", "valid_acc": s["valid_acc"],
+                     "valid_loss": s["valid_loss"], "train_seconds": s["train_seconds"]})
+    summary = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "runs": runs,
+               "valid_acc": spread([r["valid_acc"] for r in runs]),
+               "train_seconds": spread([r["train_seconds"] for r in runs]),
+               "trained_by": {str(t.params["seed"]): t.number for t in done.values()}}
+    write_json_atomic(out / SEEDS_SUMMARY, summary)
+    return summary

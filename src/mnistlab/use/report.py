@@ -8,9 +8,11 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import RunError
 from ..files import write_text_atomic
 from ..run.rundir import CONFIG, PICTURES, check_run_dir, read_history, read_summary
 
+SEARCH_TRIALS = "trials.json"  # written by mnistlab.lab.search
 _CAPTIONS = {
     "example.png": "First training example",
     "loss.png": "Loss and validation accuracy per epoch",
@@ -67,8 +69,42 @@ def render_report(run_dir: str | os.PathLike) -> str:
             f"<h2>Pictures</h2>{''.join(figures)}</body></html>\n")
 
 
+def _figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_search_report(out: str | os.PathLike) -> str:
+    """A search folder's page: its trials (from ``trials.json``), the best config and the pictures."""
+    out = Path(out)
+    try:
+        result = json.loads((out / SEARCH_TRIALS).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{out / SEARCH_TRIALS}: unreadable search results ({exc})") from None
+    rows = [{"trial": r["number"], "state": r["state"],
+             "valid_acc": "-" if r["valid_acc"] is None else f"{100 * r['valid_acc']:.2f}%",
+             "epochs": r["epochs"], "run_dir": r["run_dir"], **r["params"]} for r in result["trials"]]
+    best = result.get("best")
+    title = f"mnistlab search {out.name}: {len(rows)} trials" + (
+        f", best {100 * best['valid_acc']:.2f}% (trial {best['number']})" if best else "")
+    figures = [_figure(out / name, caption) for name, caption in
+               (("history.png", "Each trial's validation accuracy, and the best so far"),
+                ("importances.png", "How much each setting mattered")) if (out / name).is_file()]
+    best_config = _kv(json.loads((out / "best.json").read_text())) if (out / "best.json").is_file() else "<p>none</p>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<h2>Trials</h2>{_table(rows)}<h2>Best config (best.json)</h2>{best_config}"
+            f"<h2>Pictures</h2>{''.join(figures)}</body></html>\n")
+
+
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Write the report (default ``RUN_DIR/report.html``) and return its path."""
-    out = Path(out) if out is not None else Path(run_dir) / "report.html"
-    write_text_atomic(out, render_report(run_dir))
+    """Write the report of a run directory, or of a search's folder (default ``DIR/report.html``);
+    returns its path."""
+    folder = Path(run_dir)
+    out = Path(out) if out is not None else folder / "report.html"
+    if (folder / SEARCH_TRIALS).is_file() and not (folder / CONFIG).is_file():
+        write_text_atomic(out, render_search_report(folder))
+    else:
+        write_text_atomic(out, render_report(run_dir))
     return out
