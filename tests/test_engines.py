@@ -20,7 +20,7 @@ from mnistlab.evaluation import evaluate_run
 from mnistlab.kernels import build, fastcnn
 from mnistlab.run import checkpoint
 from mnistlab.run.rundir import RUN_FILES
-from mnistlab.train import device, engine
+from mnistlab.train import engine
 from mnistlab.train.augment import AUGMENTS
 
 
@@ -44,16 +44,16 @@ def test_the_rule_picks_the_kernel_engine_for_fastcnn_models_on_the_cpu(monkeypa
 
 
 def test_the_device_rule(monkeypatch):
-    assert device.resolve_device("cpu") == "cpu"
-    monkeypatch.setattr(device, "gpu_visible", lambda: False)
-    assert device.resolve_device("auto") == "cpu"
+    assert engine.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(engine, "gpu_visible", lambda: False)
+    assert engine.resolve_device("auto") == "cpu"
     with pytest.raises(UsageError, match="expected one of: auto, cpu, cuda"):
-        device.resolve_device("tpu")
+        engine.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available here"):
-            device.resolve_device("cuda")
-        monkeypatch.setattr(device, "gpu_visible", lambda: True)  # a GPU PyTorch cannot use: the CPU
-        assert device.resolve_device("auto") == "cpu"
+            engine.resolve_device("cuda")
+        monkeypatch.setattr(engine, "gpu_visible", lambda: True)  # a GPU PyTorch cannot use: the CPU
+        assert engine.resolve_device("auto") == "cpu"
 
 
 def test_names_the_command_line_offers_are_the_registries():

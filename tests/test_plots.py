@@ -10,8 +10,8 @@ from mnistlab import metrics, plots
 from mnistlab.cli import main
 from mnistlab.evaluation import predict_proba
 from mnistlab.models import load_model
-from mnistlab.run.pictures import write_pictures
 from mnistlab.run.rundir import load_split, read_config
+from mnistlab.run.summary import write_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_pictures_are_drawn_side_by_side_and_a_failing_child_is_redone_here(tmp_
 
     import pytest
 
-    from mnistlab.run.pictures import side_by_side
+    from mnistlab.run.summary import side_by_side
 
     where = {}
 

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import AUGMENT_NAMES, MODEL_NAMES, PRESETS
+from .config import AUGMENT_NAMES, DEVICES, MODEL_NAMES, PRESETS
 from .data.mnist import SPLITS
 from .errors import MnistlabError, UsageError
-from .train.device import DEVICES
 from .train.schedule import SCHEDULES
 
 EXIT_USAGE = 2

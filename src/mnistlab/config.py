@@ -15,13 +15,14 @@ import numpy as np
 
 from .data.mnist import SPLITS
 from .errors import UsageError
-from .train.device import DEVICES
 from .train.schedule import SCHEDULES
 
 AUGMENT_NAMES = ("none", "affine", "elastic")  # mnistlab.train.augment.AUGMENTS
 MODEL_NAMES = ("linear", "cnn", "fastcnn", "widecnn", "bncnn", "poolcnn")  # the built-in models of mnistlab.models
 # The FastCNN models (mnistlab.models) and their channels per conv layer; the compiled kernels train these.
 FASTCNN_WIDTHS = {"fastcnn": (16, 32, 64), "widecnn": (32, 64, 128)}
+
+DEVICES = ("auto", "cpu", "cuda")  # mnistlab.train.engine.resolve_device
 
 # Per-model SGD settings where the seed leaves them open (the PyTorch tutorial's values).
 RECIPES = {

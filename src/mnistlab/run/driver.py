@@ -1,7 +1,7 @@
 """The run driver: start or resume a run → epochs → weights → summary → pictures, on either engine.
 
 Every run, from ``mnistlab train`` or :func:`mnistlab.train_run`, goes through here. The device
-is resolved once (:func:`mnistlab.train.device.resolve_device`), the engine chosen once
+is resolved once (:func:`mnistlab.train.engine.resolve_device`), the engine chosen once
 (:func:`mnistlab.train.engine.choose_engine`, or the one a resumed checkpoint names); the
 driver owns the timings, the hooks, the checkpoints and the summary, the engine the numbers.
 """
@@ -19,8 +19,7 @@ from ..config import History, TrainConfig
 from ..data.mnist import Dataset, load_dataset
 from ..errors import RunError, UsageError
 from ..files import write_json_atomic
-from ..train.device import resolve_device
-from ..train.engine import PYTORCH, Engine, create_engine
+from ..train.engine import PYTORCH, Engine, create_engine, resolve_device
 from ..train.loop import train_epochs
 from . import checkpoint
 from .rundir import CONFIG, SUMMARY, default_run_dir, load_split, prepare_run_dir, read_config, write_metrics

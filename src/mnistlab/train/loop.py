@@ -16,8 +16,7 @@ import numpy as np
 
 from ..config import History, TrainConfig
 from ..errors import TrainingDiverged, UsageError
-from .device import resolve_device
-from .engine import Engine
+from .engine import Engine, resolve_device
 
 COLLAPSED = 1e-6  # largest range of any output over the validation images below which they count as constant
 
