@@ -251,3 +251,38 @@ def test_tta_in_training_ensembles_and_evaluation(tmp_path, small_dir, capsys):
     assert run_cli(["train", "--model", "linear", "--ema", "1.5", "--data-dir", str(small_dir)]) == 2
     err = capsys.readouterr().err
     assert "ema must be a number in [0, 1), got 1.5" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_subsample_trains_each_seed_on_its_own_subset(mnist):
+    from mnistlab.run.rundir import load_split
+
+    full = load_split(TrainConfig(split="holdout"), mnist)
+    parts = {seed: load_split(TrainConfig(split="holdout", subsample=0.9, seed=seed), mnist) for seed in (0, 1)}
+    assert len(parts[0][0]) == len(parts[1][0]) == 45000
+    for x_train, _, x_valid, y_valid in parts.values():
+        np.testing.assert_array_equal(x_valid, full[2])  # the validation part is untouched
+        np.testing.assert_array_equal(y_valid, full[3])
+        rows = {row.tobytes() for row in full[0][:2000]}
+        assert sum(row.tobytes() in rows for row in x_train[:2000]) > 1500  # the training part's own images
+    assert not np.array_equal(parts[0][0], parts[1][0])  # each seed its own subset
+    np.testing.assert_array_equal(load_split(TrainConfig(split="holdout", subsample=0.9), mnist)[1], parts[0][1])
+    with pytest.raises(UsageError, match=r"subsample must be a fraction in \(0, 1\]"):
+        TrainConfig(subsample=1.5)
+
+
+def test_the_ensemble_reports_its_gain_over_its_members(tmp_path, small_dir, capsys):
+    from mnistlab.run.rundir import load_split
+
+    runs = [tmp_path / f"r{s}" for s in range(3)]
+    n_train = len(load_split(TrainConfig(data_dir=str(small_dir)))[0])
+    for s, run in enumerate(runs):
+        assert main(["train", "--model", "linear", "--epochs", "1", "--seed", str(s), "--subsample", "0.8",
+                     "--data-dir", str(small_dir), "--out", str(run)]) == 0
+        assert json.loads((run / "summary.json").read_text())["n_train"] == round(0.8 * n_train)
+    result = ensemble(runs)
+    members = [m["valid_acc"] for m in result["members"]]
+    assert result["gain_over_mean"] == pytest.approx(result["valid_acc"] - np.mean(members))
+    assert result["gain_over_best"] == pytest.approx(result["valid_acc"] - max(members))
+    capsys.readouterr()
+    assert main(["ensemble", *map(str, runs)]) == 0
+    assert f"{100 * result['gain_over_best']:+.2f} over the best member" in capsys.readouterr().out

@@ -118,6 +118,9 @@ def _add_train(sub) -> None:
                    help="score the final model with test-time augmentation: probabilities averaged over each "
                         "validation image and its 8 one-pixel shifts (default: off; on in --preset best)")
     p.add_argument("--seed", type=int, default=None, help="random seed for weights and shuffling (default: 0)")
+    p.add_argument("--subsample", type=float, default=None, metavar="FRACTION",
+                   help="train on this fraction of the training part, a subset drawn with the seed: runs of "
+                        "different seeds see different images, for diverse ensembles (default: 1, all)")
     p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...|A-B",
                    help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
     p.add_argument("--storage", default=None, metavar="URL",
@@ -382,12 +385,12 @@ def _config_from_args(args):
         args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
-        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta)
+        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta, subsample=args.subsample)
 
 
 def _option_values(args) -> dict:
     names = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta")
+             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta", "subsample")
     return {name: getattr(args, name) for name in names}
 
 
@@ -516,6 +519,8 @@ def cmd_ensemble(args) -> int:
     print(f"ensemble of {n} ({how}): valid_acc {100 * result['valid_acc']:.2f}%  "
           f"nll {result['valid_nll']:.4f}  ({result['n_valid']} images, split {result['split']})")
     counts = ", ".join(f"{k + 1}: {c}" for k, c in enumerate(result["wrong_in"]))
+    print(f"gain: {100 * result['gain_over_mean']:+.2f} points over the members' mean, "
+          f"{100 * result['gain_over_best']:+.2f} over the best member")
     print(f"images wrong in k of the {n} runs (k: images): {counts}; right in at least one run: "
           f"{100 * result['oracle_acc']:.2f}%")
     return 0

@@ -67,6 +67,7 @@ class TrainConfig:
     augment: str = "none"  # "none"; "affine": random shifts, rotations, scaling; "elastic": also warps (augment.py)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
     tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
+    subsample: float = 1.0  # fraction of the training part this run trains on, drawn with its seed; 1: all of it
     preset: str | None = None  # the preset these values came from, for the record
 
     @classmethod
@@ -112,6 +113,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < high:
                 bound = "a number >= 0" if high == math.inf else f"a number in [0, {high:g})"
                 raise UsageError(f"{name} must be {bound}, got {value!r}")
+        if isinstance(self.subsample, bool) or not isinstance(self.subsample, (int, float)) \
+                or not 0 < self.subsample <= 1:
+            raise UsageError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if not isinstance(self.tta, bool):
             raise UsageError(f"tta must be true or false, got {self.tta!r}")
         if self.nesterov and self.momentum == 0:

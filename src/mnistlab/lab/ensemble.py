@@ -19,7 +19,8 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None, 
 
     The runs must share a split and a dataset: they are scored on the same validation part.
     ``tta``: each run's probabilities are first averaged over ``TTA_SHIFTS`` (test-time augmentation).
-    ``wrong_in[k]``: how many images exactly k + 1 of the runs get wrong (what averaging can and
+    ``gain_over_mean`` and ``gain_over_best``: the ensemble's accuracy less the members' mean and
+    the best member's. ``wrong_in[k]``: how many images exactly k + 1 of the runs get wrong (what averaging can and
     cannot win back); ``oracle_acc``: the fraction some run gets right, the most any vote could reach.
     """
     if not run_dirs:
@@ -49,5 +50,7 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None, 
     return {"valid_acc": acc, "valid_nll": loss, "n_valid": len(y_valid), "split": first.split, "tta": tta,
             "members": members,
             "member_acc": spread([m["valid_acc"] for m in members]),
+            "gain_over_mean": acc - spread([m["valid_acc"] for m in members])["mean"],
+            "gain_over_best": acc - max(m["valid_acc"] for m in members),
             "wrong_in": [int(c) for c in np.bincount(wrong, minlength=len(run_dirs) + 1)[1:]],
             "oracle_acc": float((wrong < len(run_dirs)).mean())}

@@ -32,7 +32,7 @@ SPACE = "space.json"
 BEST = "best.json"
 SEARCH_SPLITS = ("holdout",)  # the only split whose validation part holds no test image
 TUNABLE = {"lr", "momentum", "weight_decay", "label_smoothing", "batch_size", "epochs", "model", "augment",
-           "nesterov", "schedule", "warmup", "ema", "tta"}
+           "nesterov", "schedule", "warmup", "ema", "tta", "subsample"}
 KINDS = ("float", "int", "categorical")
 
 # The default space: the fast preset's recipe around its own values, sized for trials of seconds.

@@ -18,6 +18,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from ..config import History, TrainConfig
 from ..data.mnist import Dataset, load_dataset, split
 from ..errors import RunError, UsageError
@@ -74,9 +76,18 @@ def write_metrics(run_dir: Path, history: History) -> None:
 
 
 def load_split(config: TrainConfig, dataset: Dataset | None = None):
-    """The run's ``x_train, y_train, x_valid, y_valid`` as uint8 images and int64 labels."""
+    """The run's ``x_train, y_train, x_valid, y_valid`` as uint8 images and int64 labels. With
+    ``config.subsample`` below 1, the training part is that fraction of it, drawn without
+    replacement from a generator seeded with the run's seed (so each seed trains on its own
+    subset), in the original order."""
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
-    return split(ds.images, ds.labels, config.split, n_train=ds.n_train)
+    x_train, y_train, x_valid, y_valid = split(ds.images, ds.labels, config.split, n_train=ds.n_train)
+    if config.subsample < 1:
+        n = len(x_train)
+        keep = np.sort(np.random.default_rng([config.seed, 2]).choice(n, max(1, round(config.subsample * n)),
+                                                                       replace=False))
+        x_train, y_train = x_train[keep], y_train[keep]
+    return x_train, y_train, x_valid, y_valid
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
