@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks in one script: the CUDA tests, `mnistlab bench --device cuda` and the fast recipe's
+# choices (benchmarks/bench_gpu.py), with logs and tables written into OUTDIR. For a machine whose
+# python3 already has a CUDA PyTorch: the project runs from its source folder (PYTHONPATH=src), and
+# the packages that machine lacks come from .whl/ (fetch them here first: benchmarks/gpu_wheels.sh,
+# then carry .whl). About 5-8 minutes on one H100/H200.
+# Usage: benchmarks/gpu_check.sh OUTDIR
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mnistlab-site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/mnistlab-site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export MNISTLAB_CACHE=/tmp/mnistlab-cache
+{
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python3 -c "import mnistlab, time; t = time.perf_counter(); import torch; print(f'torch import {time.perf_counter() - t:.2f} s'); t = time.perf_counter(); torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(f'CUDA start-up {time.perf_counter() - t:.2f} s')"
+} 2>&1 | tee "$OUT/env.txt"
+status=0
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -s 2>&1 | tee "$OUT/cuda-tests.log" || status=1
+timeout 240 python3 -m mnistlab bench --device cuda --out "$OUT/bench-cuda.md" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout 180 python3 benchmarks/bench_gpu.py --device cuda --seeds 0,1,2 --out "$OUT/gpu-choices.md" 2>&1 \
+  | tee "$OUT/gpu-choices.log" || status=1
+exit $status

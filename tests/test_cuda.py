@@ -1,0 +1,93 @@
+"""The CUDA path: every preset and model on the GPU, resume after SIGKILL there, and a GPU-trained run
+used on the CPU. Marked ``cuda``; skipped where PyTorch sees no GPU (benchmarks/gpu_check.sh runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import mnistlab
+from mnistlab.cli import main
+from mnistlab.config import MODEL_NAMES, PRESETS
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (benchmarks/gpu_check.sh)")]
+
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_trains_on_the_gpu(tmp_path, small_dir, preset):
+    run = tmp_path / preset
+    assert main(["train", "--preset", preset, "--epochs", "1", "--split", "seed", "--data-dir", str(small_dir),
+                 "--device", "cuda", "--out", str(run)]) == 0
+    s = _summary(run)
+    assert s["device"] == "cuda" and s["engine"] == "pytorch" and s["valid_acc"] > 0.1
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_every_model_trains_on_the_gpu_with_device_auto(tmp_path, small_dir, model):
+    run = tmp_path / model
+    assert main(["train", "--model", model, "--epochs", "1", "--data-dir", str(small_dir), "--out", str(run)]) == 0
+    assert _summary(run)["device"] == "cuda"
+    assert json.loads((run / "config.json").read_text())["resolved_device"] == "cuda"
+
+
+def test_resume_after_sigkill_on_the_gpu(tmp_path, mnist):
+    """What holds: the resumed run's metrics and weights against an uninterrupted one's. cuDNN's
+    convolutions need not sum in the same order twice, so the comparison is to float rounding; the
+    test prints whether they came out bit-identical."""
+    def cmd(out):
+        return [sys.executable, "-m", "mnistlab", "train", "--model", "cnn", "--epochs", "6", "--device", "cuda",
+                "--out", str(out)]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cmd(whole), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    assert main(["train", "--resume", str(killed)]) == 0
+    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    identical = all(np.array_equal(a[k], b[k]) for k in a)
+    print(f"resumed on CUDA: weights bit-identical to the uninterrupted run: {identical}")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-4)
+    assert _summary(killed)["valid_acc"] == pytest.approx(_summary(whole)["valid_acc"], abs=2e-3)
+
+
+def test_a_gpu_trained_run_is_used_on_the_cpu(tmp_path, mnist):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "fast", "--device", "cuda", "--out", str(run)]) == 0
+    for args in (["evaluate", str(run), "--json"], ["predict", str(run), "--valid", "0:9", "--json"],
+                 ["export", str(run), "--format", "onnx"], ["report", str(run)]):
+        done = subprocess.run([sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True,
+                              env=CPU_ONLY, timeout=300)
+        assert done.returncode == 0, (args, done.stderr)
+    evaluated = json.loads(subprocess.run([sys.executable, "-m", "mnistlab", "evaluate", str(run), "--json"],
+                                          capture_output=True, text=True, env=CPU_ONLY).stdout)
+    assert evaluated["valid_acc"] == pytest.approx(_summary(run)["valid_acc"], abs=1e-3)
+    code = ("import json, sys; from fastapi.testclient import TestClient; from mnistlab.use.serve import create_app;"
+            f"c = TestClient(create_app({str(run)!r})); "
+            "print(c.post('/predict', json={'pixels': [0] * 784}).status_code)")
+    served = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CPU_ONLY, timeout=300)
+    assert served.stdout.strip() == "200", served.stderr
+    assert mnistlab.load_run(run).predict(mnist.images[50000:50010]).shape == (10,)
