@@ -44,6 +44,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def port_number(text: str) -> int:
     try:
         value = int(text)
@@ -143,6 +153,17 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, choices=list(DEVICES),
                    help="auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
                         "(default: auto)")
+    p.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                   help="train this run in N processes on this machine (data-parallel, through torchrun; gloo on "
+                        "the CPU, NCCL on GPUs); --batch-size stays the global batch (default: 1)")
+    p.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="K",
+                   help="with --nproc: restart every process from the last checkpoint after one dies, up to K "
+                        "times (default: 0)")
+    p.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="with --nproc: end the job when a process stays silent this long (default: 120)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with --nproc on GPUs: BatchNorm statistics over the whole global batch (default: each "
+                        "process its own)")
     p.set_defaults(func=cmd_train)
 
 
@@ -340,12 +361,15 @@ def _on_train_start(config, run_dir: Path, resuming: bool) -> None:
 def cmd_train(args) -> int:
     from .run.driver import resume_run, train_run
     from .run.rundir import default_run_dir, read_config
+    from .train import distributed
 
     if args.config is not None and args.preset is not None:
         raise UsageError("give --config or --preset, not both")
     if (args.storage is not None or args.study is not None) and args.seeds is None:
         raise UsageError("--storage and --study queue seeds; give --seeds too")
     if args.seeds is not None:
+        if args.nproc not in (None, 1):
+            raise UsageError("--seeds trains one process per run; leave out --nproc")
         return _train_seeds(args)
     if args.resume is not None:
         if args.out is not None:
@@ -354,11 +378,18 @@ def cmd_train(args) -> int:
     else:
         config = _config_from_args(args)
         run_dir = Path(args.out) if args.out else default_run_dir(config.model)
-    _on_train_start(config, run_dir, args.resume is not None)
-    hooks = {"on_batch": _progress(sys.stdout.isatty() and sys.stderr.isatty()),
+    if distributed.launched():  # one of the processes torchrun started
+        config = _join_job(args, config)
+    elif config.nproc > 1:
+        return _launch_job(args, config, run_dir)
+    resuming = args.resume is not None or distributed.restarted()  # a restarted job continues its run
+    if distributed.is_main():
+        _on_train_start(config, run_dir, resuming)
+    interactive = sys.stdout.isatty() and sys.stderr.isatty() and not distributed.launched()
+    hooks = {"on_batch": _progress(interactive),
              "on_epoch": lambda r: print(epoch_line(r, config.epochs), flush=True)}
     try:
-        if args.resume:
+        if resuming:
             result = resume_run(run_dir, **hooks)
         else:
             result = train_run(config, run_dir, force=args.force, **hooks)
@@ -366,6 +397,10 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {run_dir}",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
+    if not distributed.is_main():
+        return 0
     s = result.summary
     print(f"predicted labels of validation images 0-8:\n{format_grid(s['grid_predictions'])}")
     print(f"true labels:\n{format_grid(s['grid_labels'])}")
@@ -373,6 +408,39 @@ def cmd_train(args) -> int:
     print(f"valid_acc {100 * s['valid_acc']:.2f}%{tta}  valid_loss {s['valid_loss']:.4f}  "
           f"trained in {s['train_seconds']:.1f}s; run saved to {result.run_dir}")
     return 0
+
+
+def _launch_job(args, config, run_dir: Path) -> int:
+    """Start ``config.nproc`` processes through torchrun, each running this same command."""
+    from .train import distributed
+    from .train.engine import KERNELS, choose_engine, create_engine, resolve_device
+
+    device = resolve_device(config.device)
+    if choose_engine(config, device) == KERNELS:  # refuse what the processes would refuse, before starting them
+        create_engine(config, 10, device)  # the one-line refusal: that engine trains in one process
+    if args.resume is None:
+        if config.sync_bn and device != "cuda":
+            raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
+                             "statistics (leave out --sync-bn)")
+    argv = [a for a in args.argv if a != "--force"] if args.resume else list(args.argv)
+    if args.resume is None and args.out is None:
+        argv += ["--out", str(run_dir)]
+    code = distributed.launch(argv, config.nproc, args.max_restarts)
+    return code
+
+
+def _join_job(args, config):
+    """Join the job torchrun started; the config records the job's size. Other ranks print nothing."""
+    from dataclasses import replace
+
+    from .train import distributed
+    from .train.engine import resolve_device
+
+    config = replace(config, nproc=distributed.world_size())
+    distributed.setup(resolve_device(config.device), args.dist_timeout or distributed.DEFAULT_TIMEOUT)
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return config
 
 
 def _config_from_args(args):
@@ -385,12 +453,14 @@ def _config_from_args(args):
         args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
         label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
-        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta, subsample=args.subsample)
+        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta, subsample=args.subsample,
+        nproc=args.nproc, sync_bn=args.sync_bn)
 
 
 def _option_values(args) -> dict:
     names = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta", "subsample")
+             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta", "subsample", "nproc",
+             "sync_bn")
     return {name: getattr(args, name) for name in names}
 
 
@@ -669,8 +739,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.distributed import job_argv
+
     parser = build_parser()
+    if argv is None:
+        argv = job_argv() or sys.argv[1:]
+    argv = list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except MnistlabError as exc:

@@ -68,6 +68,8 @@ class TrainConfig:
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
     tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
     subsample: float = 1.0  # fraction of the training part this run trains on, drawn with its seed; 1: all of it
+    nproc: int = 1  # processes training this run together (data-parallel, torchrun); the PyTorch engine
+    sync_bn: bool = False  # with nproc > 1: BatchNorm statistics of the whole global batch (CUDA)
     preset: str | None = None  # the preset these values came from, for the record
 
     @classmethod
@@ -92,7 +94,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "nproc"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -116,8 +118,9 @@ class TrainConfig:
         if isinstance(self.subsample, bool) or not isinstance(self.subsample, (int, float)) \
                 or not 0 < self.subsample <= 1:
             raise UsageError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
-        if not isinstance(self.tta, bool):
-            raise UsageError(f"tta must be true or false, got {self.tta!r}")
+        for name in ("tta", "sync_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:
             raise UsageError("nesterov needs a momentum above 0")
 

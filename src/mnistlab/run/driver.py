@@ -19,6 +19,7 @@ from ..config import History, TrainConfig
 from ..data.mnist import Dataset, load_dataset
 from ..errors import RunError, UsageError
 from ..files import write_json_atomic
+from ..train import distributed
 from ..train.engine import PYTORCH, Engine, create_engine, resolve_device
 from ..train.loop import train_epochs
 from . import checkpoint
@@ -57,6 +58,9 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, forc
     device = resolve_device(config.device)
     with phases("data"):
         ds = dataset if dataset is not None else load_dataset(config.data_dir)
+    if not distributed.is_main():  # another process of a data-parallel job: rank 0 writes the directory
+        return _drive(config, Path(out), ds, create_engine(config, ds.num_classes, device), History(), phases,
+                      on_batch, on_epoch)
     run_dir = prepare_run_dir(out if out is not None else default_run_dir(config.model), force)
     engine = create_engine(config, ds.num_classes, device)
     write_json_atomic(run_dir / CONFIG, {**config.to_dict(), "resolved_device": device})
@@ -76,6 +80,7 @@ def resume_run(run_dir: str | os.PathLike, *, dataset: Dataset | None = None, on
     run_dir = Path(run_dir)
     if (run_dir / SUMMARY).exists():
         raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
+    distributed.check_world(config.nproc, resuming=distributed.launched())
     with phases("checkpoints"):
         meta, arrays = checkpoint.read_state(run_dir)
     device = resolve_device(config.device)
@@ -99,9 +104,12 @@ def _drive(config: TrainConfig, run_dir: Path, ds: Dataset, engine: Engine, hist
         x_train, y_train, x_valid, y_valid = load_split(config, ds)
     first_epoch = len(history.epochs)
     last_plot = time.monotonic()
+    writes = distributed.is_main()
 
     def epoch_done(record: dict) -> None:  # the record is in history already
         nonlocal last_plot
+        if not writes:
+            return
         with phases("checkpoints"):
             arrays, meta = engine.state()
             meta = {**meta, "epoch": record["epoch"], "epochs": history.epochs, "engine": engine.name}
@@ -116,7 +124,14 @@ def _drive(config: TrainConfig, run_dir: Path, ds: Dataset, engine: Engine, hist
         if on_epoch is not None:
             on_epoch(record)
 
-    proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch, epoch_done)
+    try:
+        proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch, epoch_done)
+    except RuntimeError as exc:
+        if distributed.active() is None:
+            raise
+        raise distributed.failed(exc) from None
+    if not writes:
+        return RunResult(run_dir, history, {}, engine.torch_model())
     with phases("checkpoints"):
         checkpoint.write_weights(run_dir, engine.weights(), config.model, {"num_classes": ds.num_classes})
     with phases("final_inference"):  # once, for the summary and the pictures

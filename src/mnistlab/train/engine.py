@@ -105,6 +105,9 @@ def choose_engine(config: TrainConfig, device: str) -> str:
 def create_engine(config: TrainConfig, num_classes: int, device: str, name: str | None = None) -> Engine:
     """A fresh engine for ``config`` (``name``: the one a checkpoint names; default :func:`choose_engine`)."""
     name = name or choose_engine(config, device)
+    if name == KERNELS and config.nproc > 1:
+        raise UsageError(f"the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU) trains in one process; "
+                         f"leave out --nproc, or train them on PyTorch's layers (MNISTLAB_NATIVE=0, or CUDA)")
     if name == KERNELS:
         from ..kernels.build import available, why_unavailable
 

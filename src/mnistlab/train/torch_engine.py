@@ -19,12 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import metrics
 from ..config import TrainConfig
-from ..evaluation import as_tensor, evaluate, predict_proba, prepare
+from ..errors import UsageError
+from ..evaluation import as_tensor, evaluate, logits, predict_proba, prepare
 from ..kernels.autograd import fast_supported, forward_for
 from ..kernels.build import available
+from ..kernels.fastcnn import log_softmax, output_spread
 from ..models import count_parameters, create_model
 from ..run.checkpoint import prefixed
+from . import distributed
 from .allocator import keep_freed_memory
 from .augment import AUGMENTS
 from .engine import PYTORCH
@@ -74,12 +78,19 @@ class TorchEngine:
             keep_freed_memory()
         self.augment = AUGMENTS[config.augment]
         self.num_parameters = count_parameters(model)
+        self.group = distributed.active()  # several processes: torchrun started this one
 
     @classmethod
     def create(cls, config: TrainConfig, num_classes: int, device: str) -> TorchEngine:
         """A registry model built right after ``torch.manual_seed(config.seed)``, as the seed's code does."""
         torch.manual_seed(config.seed)
-        return cls(create_model(config.model, num_classes=num_classes), config, device)
+        model = create_model(config.model, num_classes=num_classes)
+        if config.sync_bn:
+            if device != "cuda":
+                raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
+                                 "statistics (leave out --sync-bn)")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return cls(model, config, device)
 
     def set_data(self, x_train, y_train, x_valid, y_valid) -> None:
         d = self.torch_device
@@ -88,6 +99,8 @@ class TorchEngine:
 
     def train_epoch(self, epoch: int, on_batch=None) -> float:
         """One pass in a fresh random order; the mean of the batch losses."""
+        if self.group is not None:
+            return self._train_epoch_distributed(epoch, on_batch)
         model, opt, c, x, y = self.model, self.opt, self.config, self.x_train, self.y_train
         model.train()
         n = len(x)
@@ -117,12 +130,78 @@ class TorchEngine:
             torch.cuda.synchronize()
         return float(total) / n_batches
 
+    def _train_epoch_distributed(self, epoch: int, on_batch=None) -> float:
+        """One epoch as one process of several: the same global order everywhere, this process's slice
+        of every global batch, the gradients summed across processes. Dropout and augmentation draw
+        from a generator seeded per (seed, epoch, batch, rank) inside a fork of torch's, so the
+        shuffling stream stays the same in every process and a restarted job repeats exactly."""
+        model, opt, c, x, y = self.model, self.opt, self.config, self.x_train, self.y_train
+        world, me = distributed.world_size(), distributed.rank()
+        model.train()
+        n = len(x)
+        order = dataloader_order(n).to(x.device)
+        n_batches = math.ceil(n / c.batch_size)
+        sums = torch.zeros(n_batches, dtype=torch.float64, device=x.device)
+        sizes = torch.zeros(n_batches, dtype=torch.float64, device=x.device)
+        forward = forward_for(model, x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        devices = [self.torch_device] if self.torch_device.type == "cuda" else []
+        # a step draws random numbers only for augmentation or dropout
+        random_steps = self.augment is not None or any(isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                                                       for m in model.modules())
+        for b in range(n_batches):
+            if c.schedule != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
+                                                c.warmup)
+            idx = order[b * c.batch_size : (b + 1) * c.batch_size]
+            mine = idx.tensor_split(world)[me]
+            sizes[b] = len(idx)
+            if len(mine):
+                with torch.random.fork_rng(devices=devices, enabled=random_steps):
+                    if random_steps:
+                        torch.manual_seed(int(np.random.SeedSequence([c.seed, epoch, b, me]).generate_state(1)[0]))
+                    xb = prepare(x[mine])
+                    if self.augment is not None:
+                        xb = self.augment(xb)
+                    loss = F.cross_entropy(forward(xb), y[mine], label_smoothing=c.label_smoothing, reduction="sum")
+                    loss.backward()
+                sums[b] = loss.detach()
+            distributed.sum_grads_(params, 1.0 / len(idx))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            distributed.broadcast_buffers_(model)
+            if self.average is not None:
+                self.average.update(model)
+            if on_batch is not None and distributed.is_main():
+                on_batch(b, n_batches, float(sums[b]) / len(mine) if len(mine) else 0.0)
+        distributed.all_reduce_(sums)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        return float((sums / sizes).mean())
+
     def validate(self, keep_proba: bool) -> dict:
         scored = self.average.model if self.average is not None else self.model
-        result = evaluate(scored, self.x_valid, self.y_valid, batch_size=2 * self.config.batch_size,
-                          keep_proba=keep_proba)
+        if self.group is not None:
+            result = self._validate_distributed(scored)
+        else:
+            result = evaluate(scored, self.x_valid, self.y_valid, batch_size=2 * self.config.batch_size,
+                              keep_proba=keep_proba)
         _draw_seed()  # iterating the seed's valid_dl draws a base seed too
         return result
+
+    def _validate_distributed(self, scored) -> dict:
+        """Each process scores its slice of the validation images; the rows are joined in order and
+        every process computes the seed's figures from all of them."""
+        x, y = self.x_valid, self.y_valid
+        mine = torch.arange(len(x), device=x.device).tensor_split(distributed.world_size())[distributed.rank()]
+        classes = logits(scored, x[:1]).shape[1]
+        z = logits(scored, x[mine]).to(x.device) if len(mine) else torch.zeros((0, classes), device=x.device)
+        z = distributed.gather_rows(z.float(), len(x)).cpu().numpy()
+        proba = np.exp(log_softmax(z))
+        labels = y.cpu().numpy()
+        result = metrics.score(proba, labels, 2 * self.config.batch_size)
+        return {**result, "proba": proba.astype(np.float32), "spread": output_spread(z)}
 
     def end_training(self) -> None:
         if self.average is not None:
