@@ -159,7 +159,7 @@ def test_cli_seeds_and_ensemble(tmp_path, small_dir, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--seeds" in err and ("0,1,2 or 0-9" in err or "distinct" in err or
                                                                "at least one" in err), err
-    from mnistlab.cli import seed_list
+    from mnistlab.cli_args import seed_list
 
     assert seed_list("0-3,7") == (0, 1, 2, 3, 7) and seed_list("5") == (5,)
 

@@ -97,6 +97,14 @@ class TorchEngine:
         self.x_train, self.y_train = as_tensor(x_train, d), as_tensor(y_train, d).long()
         self.x_valid, self.y_valid = as_tensor(x_valid, d), as_tensor(y_valid, d).long()
 
+    def _schedule(self, epoch: int, b: int, n_batches: int) -> None:
+        """The learning rate of step ``b`` of ``epoch`` (1-based) on every parameter group."""
+        c = self.config
+        if c.schedule != "constant":
+            for group in self.opt.param_groups:
+                group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
+                                            c.warmup)
+
     def train_epoch(self, epoch: int, on_batch=None) -> float:
         """One pass in a fresh random order; the mean of the batch losses."""
         if self.group is not None:
@@ -109,10 +117,7 @@ class TorchEngine:
         total = torch.zeros((), device=x.device)
         forward = forward_for(model, x)  # the compiled kernels for the seed's CNN and FastCNN on a CPU
         for b in range(n_batches):
-            if c.schedule != "constant":
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
-                                                c.warmup)
+            self._schedule(epoch, b, n_batches)
             idx = order[b * c.batch_size : (b + 1) * c.batch_size]
             xb = prepare(x[idx])
             if self.augment is not None:
@@ -150,10 +155,7 @@ class TorchEngine:
         random_steps = self.augment is not None or any(isinstance(m, torch.nn.modules.dropout._DropoutNd)
                                                        for m in model.modules())
         for b in range(n_batches):
-            if c.schedule != "constant":
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
-                                                c.warmup)
+            self._schedule(epoch, b, n_batches)
             idx = order[b * c.batch_size : (b + 1) * c.batch_size]
             mine = idx.tensor_split(world)[me]
             sizes[b] = len(idx)
