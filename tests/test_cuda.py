@@ -91,3 +91,15 @@ def test_a_gpu_trained_run_is_used_on_the_cpu(tmp_path, mnist):
     served = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CPU_ONLY, timeout=300)
     assert served.stdout.strip() == "200", served.stderr
     assert mnistlab.load_run(run).predict(mnist.images[50000:50010]).shape == (10,)
+
+
+def test_the_nccl_path_with_one_process(tmp_path, small_dir):
+    """The only multi-process check one GPU allows: a torchrun job of one process on NCCL."""
+    env = {**os.environ, "MNISTLAB_JOB_ARGV": json.dumps(["train", "--model", "bncnn", "--epochs", "1", "--device",
+                                                          "cuda", "--data-dir", str(small_dir), "--out",
+                                                          str(tmp_path / "run")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "mnistlab"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    s = _summary(tmp_path / "run")
+    assert s["device"] == "cuda" and json.loads((tmp_path / "run" / "config.json").read_text())["nproc"] == 1
