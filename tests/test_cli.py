@@ -278,3 +278,22 @@ def test_commands_that_only_read_run_files_do_not_import_torch(run_dir, tmp_path
     assert done.stdout.splitlines()[-1] == "[0, 0, 0] False", done.stdout + done.stderr
     for name in ("r.html", "c.png", "s.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_bad_config_files_and_option_combinations_are_one_line(tmp_path, capsys):
+    bad_json, unknown, listed = tmp_path / "bad.json", tmp_path / "unknown.json", tmp_path / "list.json"
+    bad_json.write_text("{not json")
+    unknown.write_text(json.dumps({"model": "cnn", "colour": "red"}))
+    listed.write_text("[1, 2]")
+    for args, message in [
+        (["--config", str(tmp_path / "missing.json")], "file not found"),
+        (["--config", str(bad_json)], "not a JSON config"),
+        (["--config", str(unknown)], "unknown setting 'colour'"),
+        (["--config", str(listed)], "expected a JSON object"),
+        (["--config", str(unknown), "--preset", "fast"], "give --config or --preset, not both"),
+        (["--storage", "sqlite:////tmp/x.db"], "give --seeds too"),
+    ]:
+        assert run_cli(["train", *args, "--out", str(tmp_path / "r")]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)
+    assert not (tmp_path / "r").exists()

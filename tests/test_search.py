@@ -20,7 +20,7 @@ from mnistlab.cli import main  # noqa: E402
 from mnistlab.errors import MnistlabError, UsageError  # noqa: E402
 from mnistlab.lab import search  # noqa: E402
 
-POSTGRES = os.environ.get("MNISTLAB_TEST_POSTGRES")
+POSTGRES = os.environ.get("MNISTLAB_TEST_POSTGRES") or None
 if os.environ.get("MNISTLAB_REQUIRE_POSTGRES") and not POSTGRES:
     raise RuntimeError("MNISTLAB_REQUIRE_POSTGRES is set but MNISTLAB_TEST_POSTGRES is not: start the server first")
 needs_postgres = pytest.mark.skipif(POSTGRES is None, reason="no PostgreSQL server (.ci/run starts one)")

@@ -114,20 +114,13 @@ def cmd_train(args) -> int:
 def _launch_job(args, config, run_dir: Path) -> int:
     """Start ``config.nproc`` processes through torchrun, each running this same command."""
     from .train import distributed
-    from .train.engine import KERNELS, choose_engine, create_engine, resolve_device
+    from .train.engine import check_processes, resolve_device
 
-    device = resolve_device(config.device)
-    if choose_engine(config, device) == KERNELS:  # refuse what the processes would refuse, before starting them
-        create_engine(config, 10, device)  # the one-line refusal: that engine trains in one process
-    if args.resume is None:
-        if config.sync_bn and device != "cuda":
-            raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
-                             "statistics (leave out --sync-bn)")
-    argv = [a for a in args.argv if a != "--force"] if args.resume else list(args.argv)
-    if args.resume is None and args.out is None:
+    check_processes(config, resolve_device(config.device))  # what the processes would refuse, before starting them
+    argv = list(args.argv)
+    if args.resume is None and args.out is None:  # one run directory for all the processes
         argv += ["--out", str(run_dir)]
-    code = distributed.launch(argv, config.nproc, args.max_restarts)
-    return code
+    return distributed.launch(argv, config.nproc, args.max_restarts)
 
 
 def _join_job(args, config):
@@ -147,22 +140,13 @@ def _join_job(args, config):
 def _config_from_args(args):
     from .config import TrainConfig
 
-    base = _read_config_file(args.config) if args.config else {}
-    if base and args.preset is None:
-        return TrainConfig.from_dict({**base, **{k: v for k, v in _option_values(args).items() if v is not None}})
-    return TrainConfig.from_preset(
-        args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
-        label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed, split=args.split,
-        data_dir=args.data_dir, device=args.device, ema=args.ema, tta=args.tta, subsample=args.subsample,
-        nproc=args.nproc, sync_bn=args.sync_bn)
-
-
-def _option_values(args) -> dict:
-    names = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-             "label_smoothing", "augment", "seed", "split", "data_dir", "device", "ema", "tta", "subsample", "nproc",
-             "sync_bn")
-    return {name: getattr(args, name) for name in names}
+    # the options named as TrainConfig's fields; None: not given
+    options = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
+               if name != "preset" and hasattr(args, name)}
+    if args.config:
+        options = {k: v for k, v in options.items() if v is not None}
+        return TrainConfig.from_dict({**_read_config_file(args.config), **options})
+    return TrainConfig.from_preset(args.preset, **options)
 
 
 def _read_config_file(path: str) -> dict:

@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     their negative log-likelihood, averaged over batches the same way). ``keep_proba`` adds
     ``proba``: the class probabilities, float32 (N, C), as :func:`predict_proba` gives them.
     Without ``tta``, ``spread`` is the largest range of any output over the images (0: the
-    network gives every image the same outputs, :func:`mnistlab.kernels.fastcnn.output_spread`).
+    network gives every image the same outputs, :func:`mnistlab.metrics.output_spread`).
     """
     device = _device_of(model)
     x, y = as_tensor(x), as_tensor(y).long()

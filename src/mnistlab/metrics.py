@@ -1,4 +1,4 @@
-"""Classification metrics from predicted and true labels. NumPy in, plain numbers out."""
+"""Classification metrics from outputs, predictions and true labels. NumPy in, plain numbers out."""
 
 from __future__ import annotations
 
@@ -58,3 +58,14 @@ def score(proba, labels, batch_size: int = 128) -> dict[str, float]:
     per_row = -np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, None))
     acc = float((proba.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
     return {"loss": batch_mean(per_row, batch_size), "acc": acc}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def output_spread(z: np.ndarray) -> float:
+    """How much the outputs ``z`` (n, C) vary from image to image: the largest range of any class's
+    value over the rows. 0 when every image gets the same outputs (a collapsed network)."""
+    return float((z.max(axis=0) - z.min(axis=0)).max()) if len(z) > 1 else float("nan")

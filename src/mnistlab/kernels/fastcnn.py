@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..metrics import batch_mean
+from ..metrics import batch_mean, log_softmax, output_spread
 from . import calls
 
 PARAMS = ("features.0.weight", "features.1.weight", "features.1.bias", "features.3.weight", "features.4.weight",
@@ -67,11 +67,6 @@ class Buffers:
         if training:
             self.scratch = [np.empty((n, size), np.float32) for size in calls.fast_scratch(widths)]
             self.gfeat = np.empty((n, features), np.float32)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def running_stats(state: dict) -> np.ndarray:
@@ -126,12 +121,6 @@ def evaluate(state: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 128) -
     return {"loss": batch_mean(per_row, batch_size),
             "acc": float((z.argmax(axis=1) == y).mean()) if len(y) else float("nan"), "proba": np.exp(logp),
             "spread": output_spread(z)}
-
-
-def output_spread(z: np.ndarray) -> float:
-    """How much the outputs ``z`` (n, C) vary from image to image: the largest range of any class's
-    value over the rows. 0 when every image gets the same outputs (a collapsed network)."""
-    return float((z.max(axis=0) - z.min(axis=0)).max()) if len(z) > 1 else float("nan")
 
 
 class FastCNNStep:

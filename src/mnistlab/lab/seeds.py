@@ -43,13 +43,22 @@ def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *
         epoch_hook = (lambda record, seed=seed: on_epoch(seed, record)) if on_epoch is not None else None
         result = train_run(replace(config, seed=seed), out / f"seed-{seed}", force=force, dataset=ds,
                            on_batch=on_batch, on_epoch=epoch_hook)
-        runs.append({"seed": seed, "run_dir": result.run_dir.name, "valid_acc": result.summary["valid_acc"],
-                     "valid_loss": result.summary["valid_loss"], "train_seconds": result.summary["train_seconds"]})
+        runs.append(_row(seed, result.run_dir.name, result.summary))
         if on_run is not None:
             on_run(seed, result)
+    return _write_summary(out, config, seeds, runs)
+
+
+def _row(seed: int, run_dir: str, summary: dict) -> dict:
+    return {"seed": seed, "run_dir": run_dir, "valid_acc": summary["valid_acc"], "valid_loss": summary["valid_loss"],
+            "train_seconds": summary["train_seconds"]}
+
+
+def _write_summary(out: Path, config: TrainConfig, seeds: list[int], runs: list[dict], **extra) -> dict:
+    """``OUT/seeds.json``: each run's figures, and their spread."""
     summary = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "runs": runs,
                "valid_acc": spread([r["valid_acc"] for r in runs]),
-               "train_seconds": spread([r["train_seconds"] for r in runs])}
+               "train_seconds": spread([r["train_seconds"] for r in runs]), **extra}
     write_json_atomic(out / SEEDS_SUMMARY, summary)
     return summary
 
@@ -114,14 +123,6 @@ def train_queued_seeds(config: TrainConfig, seeds: list[int], out: str | os.Path
                 if t.state == optuna.trial.TrialState.COMPLETE and "seed" in t.params}
     if set(done) != set(seeds):
         return None
-    runs = []
-    for seed in seeds:
-        s = read_summary(out / f"seed-{seed}")
-        runs.append({"seed": seed, "run_dir": f"seed-{seed}", "valid_acc": s["valid_acc"],
-                     "valid_loss": s["valid_loss"], "train_seconds": s["train_seconds"]})
-    summary = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "runs": runs,
-               "valid_acc": spread([r["valid_acc"] for r in runs]),
-               "train_seconds": spread([r["train_seconds"] for r in runs]),
-               "trained_by": {str(t.params["seed"]): t.number for t in done.values()}}
-    write_json_atomic(out / SEEDS_SUMMARY, summary)
-    return summary
+    runs = [_row(seed, f"seed-{seed}", read_summary(out / f"seed-{seed}")) for seed in seeds]
+    return _write_summary(out, config, seeds, runs,
+                          trained_by={str(t.params["seed"]): t.number for t in done.values()})

@@ -80,7 +80,7 @@ def resume_run(run_dir: str | os.PathLike, *, dataset: Dataset | None = None, on
     run_dir = Path(run_dir)
     if (run_dir / SUMMARY).exists():
         raise UsageError(f"--resume {run_dir}: the run already finished ({SUMMARY} exists)")
-    distributed.check_world(config.nproc, resuming=distributed.launched())
+    distributed.check_world(config.nproc)
     with phases("checkpoints"):
         meta, arrays = checkpoint.read_state(run_dir)
     device = resolve_device(config.device)

@@ -119,8 +119,9 @@ def job_argv() -> list[str] | None:
     return json.loads(text) if text and launched() else None
 
 
-def check_world(config_nproc: int, resuming: bool) -> None:
-    if resuming and world_size() != config_nproc:
+def check_world(config_nproc: int) -> None:
+    """In a job torchrun started, refuse to continue a run with another number of processes than it had."""
+    if launched() and world_size() != config_nproc:
         raise UsageError(f"--resume: this run trained in {config_nproc} processes; continue it with the same number "
                          f"(this job has {world_size()})")
 

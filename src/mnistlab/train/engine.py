@@ -102,12 +102,20 @@ def choose_engine(config: TrainConfig, device: str) -> str:
     return KERNELS if config.model in FASTCNN_WIDTHS and device == "cpu" and available() else PYTORCH
 
 
+def check_processes(config: TrainConfig, device: str, name: str | None = None) -> None:
+    """Refuse, in one line, a multi-process setting the engine (``name``, default by the rule) cannot train."""
+    if config.nproc > 1 and (name or choose_engine(config, device)) == KERNELS:
+        raise UsageError(f"the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU) trains in one process; "
+                         f"leave out --nproc, or train them on PyTorch's layers (MNISTLAB_NATIVE=0, or CUDA)")
+    if config.sync_bn and device != "cuda":
+        raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
+                         "statistics (leave out --sync-bn)")
+
+
 def create_engine(config: TrainConfig, num_classes: int, device: str, name: str | None = None) -> Engine:
     """A fresh engine for ``config`` (``name``: the one a checkpoint names; default :func:`choose_engine`)."""
     name = name or choose_engine(config, device)
-    if name == KERNELS and config.nproc > 1:
-        raise UsageError(f"the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU) trains in one process; "
-                         f"leave out --nproc, or train them on PyTorch's layers (MNISTLAB_NATIVE=0, or CUDA)")
+    check_processes(config, device, name)
     if name == KERNELS:
         from ..kernels.build import available, why_unavailable
 

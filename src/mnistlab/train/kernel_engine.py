@@ -18,6 +18,7 @@ import numpy as np
 from ..config import FASTCNN_WIDTHS, TrainConfig
 from ..data.shift import TTA_SHIFTS, shift_images
 from ..kernels import fastcnn
+from ..metrics import log_softmax
 from ..run.checkpoint import prefixed
 from .allocator import keep_freed_memory
 from .engine import KERNELS
@@ -86,7 +87,7 @@ class KernelEngine:
     def predict_proba(self, x, tta: bool = False) -> np.ndarray:
         views = [shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS] if tta else [x]
         with np.errstate(all="ignore"):
-            total = sum(np.exp(fastcnn.log_softmax(fastcnn.logits(self.params, v))) for v in views)
+            total = sum(np.exp(log_softmax(fastcnn.logits(self.params, v))) for v in views)
         return (total / len(views)).astype(np.float32)
 
     def weights(self) -> dict[str, np.ndarray]:

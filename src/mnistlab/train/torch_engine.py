@@ -21,11 +21,10 @@ from torch import nn
 
 from .. import metrics
 from ..config import TrainConfig
-from ..errors import UsageError
 from ..evaluation import as_tensor, evaluate, logits, predict_proba, prepare
 from ..kernels.autograd import fast_supported, forward_for
 from ..kernels.build import available
-from ..kernels.fastcnn import log_softmax, output_spread
+from ..metrics import log_softmax, output_spread
 from ..models import count_parameters, create_model
 from ..run.checkpoint import prefixed
 from . import distributed
@@ -85,10 +84,7 @@ class TorchEngine:
         """A registry model built right after ``torch.manual_seed(config.seed)``, as the seed's code does."""
         torch.manual_seed(config.seed)
         model = create_model(config.model, num_classes=num_classes)
-        if config.sync_bn:
-            if device != "cuda":
-                raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
-                                 "statistics (leave out --sync-bn)")
+        if config.sync_bn:  # on CUDA (mnistlab.train.engine.check_processes)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return cls(model, config, device)
 
@@ -197,8 +193,8 @@ class TorchEngine:
         every process computes the seed's figures from all of them."""
         x, y = self.x_valid, self.y_valid
         mine = torch.arange(len(x), device=x.device).tensor_split(distributed.world_size())[distributed.rank()]
-        classes = logits(scored, x[:1]).shape[1]
-        z = logits(scored, x[mine]).to(x.device) if len(mine) else torch.zeros((0, classes), device=x.device)
+        # a process with no validation image (fewer images than processes) still sends its (0, C) share
+        z = logits(scored, x[mine] if len(mine) else x[:1])[: len(mine)].to(x.device)
         z = distributed.gather_rows(z.float(), len(x)).cpu().numpy()
         proba = np.exp(log_softmax(z))
         labels = y.cpu().numpy()
