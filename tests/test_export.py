@@ -48,3 +48,23 @@ def test_export_refusals(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
     assert run_cli(["export", str(TRAINED), "--format", "tflite"]) == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["deskewcnn", "normcnn"])
+def test_models_that_deskew_inside_export_with_it(tmp_path, small_dir, mnist, name, capsys):
+    run = tmp_path / name
+    assert main(["train", "--model", name, "--epochs", "1", "--data-dir", str(small_dir), "--out", str(run)]) == 0
+    assert '"engine": "pytorch"' in (run / "summary.json").read_text()
+    pixels = mnist.images[60000:60300].astype(np.float32) / 256
+    model = mnistlab.load_run(run).model
+    with torch.no_grad():
+        reference = model(torch.from_numpy(pixels)).numpy()
+        plain = mnistlab.models.FastCNN.forward(model, torch.from_numpy(pixels)).numpy()
+    assert np.abs(plain - reference).max() > 1e-3  # the deskewing is part of the saved model
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"pixels": pixels})
+    assert np.abs(logits - reference).max() < 1e-4
+    assert main(["export", str(run), "--format", "torchscript"]) == 0
+    with torch.no_grad():
+        assert np.abs(torch.jit.load(str(run / "model.pt"))(torch.from_numpy(pixels)).numpy() - reference).max() < 1e-4

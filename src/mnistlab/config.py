@@ -18,7 +18,8 @@ from .errors import UsageError
 from .train.schedule import SCHEDULES
 
 AUGMENT_NAMES = ("none", "affine", "elastic")  # mnistlab.train.augment.AUGMENTS
-MODEL_NAMES = ("linear", "cnn", "fastcnn", "widecnn", "bncnn", "poolcnn")  # the built-in models of mnistlab.models
+# The built-in models of mnistlab.models.
+MODEL_NAMES = ("linear", "cnn", "fastcnn", "widecnn", "bncnn", "poolcnn", "deskewcnn", "normcnn")
 # The FastCNN models (mnistlab.models) and their channels per conv layer; the compiled kernels train these.
 FASTCNN_WIDTHS = {"fastcnn": (16, 32, 64), "widecnn": (32, 64, 128)}
 
