@@ -1,5 +1,6 @@
 """Presets, augmentation, the holdout split, several seeds at once, and ensembles."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -286,3 +287,26 @@ def test_the_ensemble_reports_its_gain_over_its_members(tmp_path, small_dir, cap
     capsys.readouterr()
     assert main(["ensemble", *map(str, runs)]) == 0
     assert f"{100 * result['gain_over_best']:+.2f} over the best member" in capsys.readouterr().out
+
+
+def test_mixes_score_every_subset_as_ensemble_does(tmp_path, small_dir):
+    from mnistlab.lab.ensemble import mixes
+
+    lin, cnn = tmp_path / "lin", tmp_path / "cnn"
+    base = ["train", "--epochs", "1", "--data-dir", str(small_dir), "--seeds", "0,1"]
+    assert main([*base, "--model", "linear", "--out", str(lin)]) == 0
+    assert main([*base, "--model", "cnn", "--out", str(cnn)]) == 0
+    runs = {"lin": [lin / "seed-0", lin / "seed-1"], "cnn": [cnn / "seed-0", cnn / "seed-1"]}
+    names, rows = mixes([*runs["lin"], *runs["cnn"]], size=3, dataset=mnistlab.load_dataset(small_dir))
+    assert names == ["cnn, 1 epochs, augment none", "linear, 1 epochs, augment none"]
+    by_counts = {tuple(r["counts"]): r for r in rows}
+    assert set(by_counts) == {(1, 0), (0, 1), (2, 0), (0, 2), (1, 1), (2, 1), (1, 2)}  # 3 members at most
+    assert [r["members"] for r in rows] == sorted(r["members"] for r in rows)
+    for (n_cnn, n_lin), row in by_counts.items():
+        accs = [ensemble([*a, *b], dataset=mnistlab.load_dataset(small_dir))["valid_acc"]
+                for a in itertools.combinations(runs["cnn"], n_cnn)
+                for b in itertools.combinations(runs["lin"], n_lin)]
+        assert row["subsets"] == len(accs)
+        assert row["mean"] == pytest.approx(np.mean(accs)) and row["min"] == min(accs) and row["max"] == max(accs)
+    with pytest.raises(UsageError, match="size must be a positive integer"):
+        mixes(runs["lin"], size=0)

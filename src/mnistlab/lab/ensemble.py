@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -23,23 +24,11 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None, 
     the best member's. ``wrong_in[k]``: how many images exactly k + 1 of the runs get wrong (what averaging can and
     cannot win back); ``oracle_acc``: the fraction some run gets right, the most any vote could reach.
     """
-    if not run_dirs:
-        raise UsageError("give at least one run directory")
-    configs = [read_config(d) for d in run_dirs]
+    configs, x_valid, y_valid = _validation_part(run_dirs, dataset)
     first = configs[0]
-    for d, c in zip(run_dirs, configs, strict=True):
-        if (c.split, c.data_dir) != (first.split, first.data_dir):
-            raise RunError(f"{d}: split {c.split!r} / data {c.data_dir or 'MNIST'} differs from {run_dirs[0]}'s "
-                           f"({first.split!r} / {first.data_dir or 'MNIST'}); an ensemble needs one validation part")
-    ds = dataset if dataset is not None else load_dataset(first.data_dir)
-    _, _, x_valid, y_valid = load_split(first, ds)
-    y_valid = np.asarray(y_valid)
     total, members, wrong = None, [], np.zeros(len(y_valid), dtype=np.int64)
     for d in run_dirs:
-        model = load_model(d)
-        proba = predict_proba(model, x_valid, tta=tta).astype(np.float64)
-        if total is not None and proba.shape != total.shape:
-            raise RunError(f"{d}: predicts {proba.shape[1]} classes, the first run {total.shape[1]}")
+        proba = _proba(d, x_valid, tta, total)
         total = proba if total is None else total + proba
         right = proba.argmax(1) == y_valid
         wrong += ~right
@@ -54,3 +43,66 @@ def ensemble(run_dirs: list[str | os.PathLike], dataset: Dataset | None = None, 
             "gain_over_best": acc - max(m["valid_acc"] for m in members),
             "wrong_in": [int(c) for c in np.bincount(wrong, minlength=len(run_dirs) + 1)[1:]],
             "oracle_acc": float((wrong < len(run_dirs)).mean())}
+
+
+def _validation_part(run_dirs, dataset: Dataset | None):
+    """The runs' configs and their shared validation images and labels (one-line errors otherwise)."""
+    if not run_dirs:
+        raise UsageError("give at least one run directory")
+    configs = [read_config(d) for d in run_dirs]
+    first = configs[0]
+    for d, c in zip(run_dirs, configs, strict=True):
+        if (c.split, c.data_dir) != (first.split, first.data_dir):
+            raise RunError(f"{d}: split {c.split!r} / data {c.data_dir or 'MNIST'} differs from {run_dirs[0]}'s "
+                           f"({first.split!r} / {first.data_dir or 'MNIST'}); an ensemble needs one validation part")
+    ds = dataset if dataset is not None else load_dataset(first.data_dir)
+    _, _, x_valid, y_valid = load_split(first, ds)
+    return configs, x_valid, np.asarray(y_valid)
+
+
+def _proba(run_dir, x_valid, tta: bool, like: np.ndarray | None) -> np.ndarray:
+    proba = predict_proba(load_model(run_dir), x_valid, tta=tta).astype(np.float64)
+    if like is not None and proba.shape != like.shape:
+        raise RunError(f"{run_dir}: predicts {proba.shape[1]} classes, the first run {like.shape[1]}")
+    return proba
+
+
+def recipe_of(config) -> str:
+    """What makes runs members of one recipe in :func:`mixes`: everything in the config but the seed."""
+    parts = [config.model, f"{config.epochs} epochs", f"augment {config.augment}"]
+    if config.subsample < 1:
+        parts.append(f"subsample {config.subsample:g}")
+    return ", ".join(parts)
+
+
+def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | None = None,
+          tta: bool = False) -> tuple[list[str], list[dict]]:
+    """Which mix of recipes makes the best ensemble: every subset of the runs of at most ``size``
+    members, scored as :func:`ensemble` scores it, grouped by mix.
+
+    Runs are grouped by recipe (:func:`recipe_of`); a mix gives each recipe a count of members.
+    Returns the recipes (sorted) and one row per mix: ``counts`` (per recipe, in that order),
+    ``members``, and over the subsets of the runs with that mix, ``mean`` / ``min`` / ``max``
+    accuracy and their number ``subsets``; rows sorted by members, then best mean first. Each
+    run's probabilities are computed once.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UsageError(f"size must be a positive integer, got {size!r}")
+    configs, x_valid, y_valid = _validation_part(run_dirs, dataset)
+    groups: dict[str, list[np.ndarray]] = {}
+    proba = None
+    for d, c in zip(run_dirs, configs, strict=True):
+        proba = _proba(d, x_valid, tta, like=proba)
+        groups.setdefault(recipe_of(c), []).append(proba)
+    names = sorted(groups)
+    rows = []
+    for counts in itertools.product(*(range(len(groups[n]) + 1) for n in names)):
+        if not 0 < sum(counts) <= size:
+            continue
+        choices = [itertools.combinations(groups[n], k) for n, k in zip(names, counts, strict=True)]
+        accs = [float(((sum(p for pick in picks for p in pick) / sum(counts)).argmax(1) == y_valid).mean())
+                for picks in itertools.product(*choices)]  # the mean, in ensemble's order and arithmetic
+        rows.append({"counts": list(counts), "members": sum(counts), "mean": float(np.mean(accs)),
+                     "min": min(accs), "max": max(accs), "subsets": len(accs)})
+    rows.sort(key=lambda r: (r["members"], -r["mean"]))
+    return names, rows
