@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mnistlab.data.mnist import load_dataset
 from mnistlab.evaluation import prepare
 from mnistlab.kernels import autograd as native
-from mnistlab.kernels import build, fastcnn
+from mnistlab.kernels import fastcnn
 from mnistlab.lab.bench import machine
 from mnistlab.models import create_model
 from mnistlab.train.allocator import keep_freed_memory
@@ -39,7 +39,7 @@ from mnistlab.train.optim import SGD
 def kernel_step(model, momentum: float):
     """The kernel engine's whole training step on NumPy views of ``model``'s tensors (FastCNN models),
     or None where the kernels do not apply."""
-    if not (native.fast_supported(model) and build.available()):
+    if not (native.kernel_of(model) == "fastcnn" and native.kernels_apply(model)):
         return None
     state = {k: t.numpy() for k, t in model.state_dict().items()}
     return fastcnn.FastCNNStep(state, [np.zeros_like(state[k]) for k in fastcnn.PARAMS], momentum=momentum)

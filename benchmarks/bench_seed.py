@@ -2,7 +2,7 @@
 
 Both train the seed's CNN on the seed's split (batch 64, SGD lr 0.1 momentum 0.9) for the
 same number of epochs, in fresh processes, alternating, ``--repeats`` times each (the seed's
-code is ``python -m mnistlab.reference seed``). Reports medians of the training time (the
+code is ``python -m mnistlab.lab.reference seed``). Reports medians of the training time (the
 training steps, validation excluded) and of the whole process (start-up and data load
 included), the ratio seed / mnistlab, and both accuracies. ``mnistlab bench`` runs one of
 each beside the other recipes; this script repeats the pair to see the spread.
@@ -31,7 +31,7 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def run_seed(epochs: int, seed: int) -> dict:
-    wall, stdout = _timed([sys.executable, "-m", "mnistlab.reference", "seed", "--epochs", str(epochs),
+    wall, stdout = _timed([sys.executable, "-m", "mnistlab.lab.reference", "seed", "--epochs", str(epochs),
                            "--seed", str(seed)])
     return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": wall}
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from mnistlab.data.shift import shift_images
 from mnistlab.evaluation import logits
-from mnistlab.models import load_model
 from mnistlab.run.rundir import load_split, read_config
+from mnistlab.run.trained import load_model
 from mnistlab.train.augment import affine_theta
 
 

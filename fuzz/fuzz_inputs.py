@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing (atheris) of the two readers of untrusted bytes.
 
-``idx``: ``mnistlab.idx.parse_idx`` on arbitrary bytes (raw or gzip). ``image``:
-``mnistlab.prepare.prepare_image`` on arbitrary bytes, as ``predict`` and ``serve`` get them.
+``idx``: ``mnistlab.data.idx.parse_idx`` on arbitrary bytes (raw or gzip). ``image``:
+``mnistlab.use.prepare.prepare_image`` on arbitrary bytes, as ``predict`` and ``serve`` get them.
 Anything but the documented errors (``DataError`` and its ``ImageError``) is a crash and
 stops the fuzzer with the input saved; so does a single input taking longer than
 ``-timeout`` seconds (a hang). The seeds are the shipped MNIST files' first bytes and a

@@ -64,8 +64,14 @@ def test_phase_table_takes_medians_and_leaves_the_rest_to_start_up():
 
 
 def test_quick_plan_is_bounded_and_full_plan_runs_every_seed():
+    from mnistlab.config import PRESETS
+
     quick = bench.BenchPlan(quick=True).jobs()
-    assert all(j.get("max_batches") or j.get("epochs") or j["preset"] == "fast" for j in quick)
+    for j in quick:  # at most an epoch of 300 batches (references), the presets at most 2 epochs
+        if j["kind"] == "reference":
+            assert j["epochs"] == 1 and j["max_batches"] <= 300 and j["max_valid"] <= 2000, j
+        else:
+            assert j.get("epochs", PRESETS[j["preset"]]["epochs"]) <= 2, j
     full = bench.BenchPlan(seeds=(0, 1, 2)).jobs()
     assert [j["seed"] for j in full if j.get("preset") == "fast"] == [0, 1, 2]
 

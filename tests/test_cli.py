@@ -53,16 +53,17 @@ def test_summary_times_the_runs_phases(run_dir):
     assert tuple(timings) == TIMINGS and all(v >= 0 for v in timings.values())
     assert timings["training"] == pytest.approx(sum(e["train_seconds"] for e in epochs))
     assert timings["training"] + timings["validation"] == pytest.approx(sum(e["seconds"] for e in epochs))
-    assert timings["pictures"] > 0 and timings["checkpoints"] > 0 and timings["final_inference"] > 0
+    assert timings["pictures"] > 0 and timings["checkpoints"] > 0
+    assert timings["final_inference"] == 0  # no TTA: the last epoch's validation gave the final scores
 
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_the_final_scores_reuse_the_last_validation_unless_tta(tmp_path, small_dir, monkeypatch, tta):
-    from mnistlab.train import torch_engine
+    from mnistlab.train import autograd_engine
 
     calls = []
-    real = torch_engine.TorchEngine.predict_proba
-    monkeypatch.setattr(torch_engine.TorchEngine, "predict_proba",
+    real = autograd_engine.AutogradEngine.predict_proba
+    monkeypatch.setattr(autograd_engine.AutogradEngine, "predict_proba",
                         lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(small_dir), "--epochs", "1", "--out", str(out), "--device", "cpu"]
@@ -70,6 +71,7 @@ def test_the_final_scores_reuse_the_last_validation_unless_tta(tmp_path, small_d
     assert calls == ([{"tta": True}] if tta else [])  # without TTA the last epoch's validation gave them
     summary = json.loads((out / "summary.json").read_text())
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (summary["timings"]["final_inference"] > 0) == tta  # a pass of its own only with TTA
     if not tta:
         assert summary["valid_acc"] == last["valid_acc"]
 
@@ -292,8 +294,41 @@ def test_bad_config_files_and_option_combinations_are_one_line(tmp_path, capsys)
         (["--config", str(listed)], "expected a JSON object"),
         (["--config", str(unknown), "--preset", "fast"], "give --config or --preset, not both"),
         (["--storage", "sqlite:////tmp/x.db"], "give --seeds too"),
+        (["--seed", "-1"], "expected a whole number >= 0, got '-1'"),
+        (["--seeds", "0,1", "--nproc", "2"], "leave out --nproc"),
     ]:
         assert run_cli(["train", *args, "--out", str(tmp_path / "r")]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (args, err)
     assert not (tmp_path / "r").exists()
+
+
+def test_bad_settings_through_the_python_api_are_one_line_errors(tmp_path):
+    from mnistlab.config import TrainConfig
+    from mnistlab.errors import UsageError
+
+    for values, message in [({"seed": -1}, "seed must be a whole number"), ({"seed": 1.5}, "seed must be"),
+                            ({"lr": 0}, "lr must be a positive number"),
+                            ({"colour": "red"}, "unknown setting 'colour'")]:
+        with pytest.raises(UsageError, match=message):
+            TrainConfig.from_dict(values)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TrainConfig().to_dict(), "resolved_device": "cpu"}))  # a run's config.json
+    assert TrainConfig.from_file(config, epochs=3) == TrainConfig(epochs=3)
+    with pytest.raises(UsageError, match="unknown setting"):
+        mnistlab_fit_with_unknown_override()
+
+
+def mnistlab_fit_with_unknown_override():
+    import mnistlab
+
+    x = np.zeros((4, 784), np.uint8)
+    mnistlab.fit(mnistlab.create_model("linear"), x, np.zeros(4, np.int64), x, np.zeros(4, np.int64), epochs=1,
+                 learning_rate=0.1)  # not a setting: refused, not silently dropped
+
+
+def test_no_progress_bar_means_no_tqdm():
+    code = ("import sys; from mnistlab.cli import _progress; hook = _progress(False); "
+            "print(hook, 'tqdm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["None", "False"], done.stderr

@@ -15,13 +15,13 @@ import torch
 import mnistlab
 from mnistlab.cli import main
 from mnistlab.config import AUGMENT_NAMES, FASTCNN_WIDTHS, MODEL_NAMES, TrainConfig
-from mnistlab.errors import UsageError
-from mnistlab.evaluation import evaluate_run
+from mnistlab.errors import MnistlabError, UsageError
 from mnistlab.kernels import build, fastcnn
 from mnistlab.run import checkpoint
 from mnistlab.run.rundir import RUN_FILES
-from mnistlab.train import engine
+from mnistlab.train import choose, device, engine
 from mnistlab.train.augment import AUGMENTS
+from mnistlab.use.classifier import evaluate_run
 
 
 @pytest.fixture(autouse=True)
@@ -32,28 +32,28 @@ def _kernels():
 
 def test_the_rule_picks_the_kernel_engine_for_fastcnn_models_on_the_cpu(monkeypatch):
     for preset in ("fast", "best"):
-        assert engine.choose_engine(TrainConfig.from_preset(preset), "cpu") == engine.KERNELS
+        assert choose.choose_engine(TrainConfig.from_preset(preset), "cpu") == engine.KERNELS
     for name in FASTCNN_WIDTHS:
         for extra in ({}, {"augment": "affine"}, {"ema": 0.99}, {"tta": True}):
-            assert engine.choose_engine(TrainConfig(model=name, **extra), "cpu") == engine.KERNELS
-        assert engine.choose_engine(TrainConfig(model=name), "cuda") == engine.PYTORCH
+            assert choose.choose_engine(TrainConfig(model=name, **extra), "cpu") == engine.KERNELS
+        assert choose.choose_engine(TrainConfig(model=name), "cuda") == engine.AUTOGRAD
     for name in set(MODEL_NAMES) - set(FASTCNN_WIDTHS):
-        assert engine.choose_engine(TrainConfig(model=name), "cpu") == engine.PYTORCH
+        assert choose.choose_engine(TrainConfig(model=name), "cpu") == engine.AUTOGRAD
     monkeypatch.setattr(build, "available", lambda: False)
-    assert engine.choose_engine(TrainConfig.from_preset("fast"), "cpu") == engine.PYTORCH
+    assert choose.choose_engine(TrainConfig.from_preset("fast"), "cpu") == engine.AUTOGRAD
 
 
 def test_the_device_rule(monkeypatch):
-    assert engine.resolve_device("cpu") == "cpu"
-    monkeypatch.setattr(engine, "gpu_visible", lambda: False)
-    assert engine.resolve_device("auto") == "cpu"
+    assert device.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(device, "gpu_visible", lambda: False)
+    assert device.resolve_device("auto") == "cpu"
     with pytest.raises(UsageError, match="expected one of: auto, cpu, cuda"):
-        engine.resolve_device("tpu")
+        device.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available here"):
-            engine.resolve_device("cuda")
-        monkeypatch.setattr(engine, "gpu_visible", lambda: True)  # a GPU PyTorch cannot use: the CPU
-        assert engine.resolve_device("auto") == "cpu"
+            device.resolve_device("cuda")
+        monkeypatch.setattr(device, "gpu_visible", lambda: True)  # a GPU PyTorch cannot use: the CPU
+        assert device.resolve_device("auto") == "cpu"
 
 
 def test_names_the_command_line_offers_are_the_registries():
@@ -104,7 +104,7 @@ def test_a_run_writes_what_pytorchs_runs_write_and_reads_back_the_same(tmp_path,
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == set(RUN_FILES) - {"report.html"}
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["engine"] == "fastpath" and summary["epochs"] == 2 and summary["num_parameters"] == 33914
+    assert summary["engine"] == "kernels" and summary["epochs"] == 2 and summary["num_parameters"] == 33914
     assert summary["valid_acc"] > 0.5  # 600 images, 2 gentle epochs: it learned
     assert isinstance(result.model, torch.nn.Module)  # the API hands back the trained model as usual
     evaluated = evaluate_run(run)
@@ -122,7 +122,7 @@ def test_augmentation_averaging_and_tta_on_the_kernel_engine(tmp_path, small_dir
     config = TrainConfig.from_preset("best", epochs=2, lr=0.05, ema=0.9, split="seed", data_dir=str(small_dir))
     first = mnistlab.train_run(config, tmp_path / "a")
     mnistlab.train_run(config, tmp_path / "b")
-    assert first.summary["engine"] == "fastpath" and first.summary["tta"] is True
+    assert first.summary["engine"] == "kernels" and first.summary["tta"] is True
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     no_aug = mnistlab.train_run(TrainConfig.from_dict({**config.to_dict(), "augment": "none"}), tmp_path / "c")
     assert no_aug.summary["train_loss"] != first.summary["train_loss"]  # the maps changed the batches
@@ -142,21 +142,21 @@ def test_the_command_line_trains_fastcnn_without_importing_torch(tmp_path, small
             f"'--out', {str(tmp_path / 'run')!r}]); print(code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["engine"] == "fastpath"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["engine"] == "kernels"
 
 
 def test_a_pytorch_run_of_fastcnn_resumes_through_pytorch(tmp_path, small_dir, monkeypatch):
     """A FastCNN run made where the kernels were off keeps PyTorch's checkpoint; --resume continues it there."""
     run = tmp_path / "run"
-    monkeypatch.setattr(engine, "choose_engine", lambda config, device: engine.PYTORCH)
+    monkeypatch.setattr(choose, "choose_engine", lambda config, device: engine.AUTOGRAD)
     args = ["train", "--model", "fastcnn", "--epochs", "1", "--data-dir", str(small_dir), "--out", str(run)]
     assert main(args) == 0
-    assert json.loads((run / "summary.json").read_text())["engine"] == "pytorch"
-    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "pytorch"
+    assert json.loads((run / "summary.json").read_text())["engine"] == "autograd"
+    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "autograd"
     monkeypatch.undo()
     (run / "summary.json").unlink()
     assert main(["train", "--resume", str(run)]) == 0
-    assert json.loads((run / "summary.json").read_text())["engine"] == "pytorch"
+    assert json.loads((run / "summary.json").read_text())["engine"] == "autograd"
 
 
 def test_a_run_gives_the_same_weights_on_one_thread_or_two(tmp_path, small_dir):
@@ -176,7 +176,7 @@ def test_resuming_without_the_kernels_is_refused_in_one_line(tmp_path, small_dir
     run = tmp_path / "run"
     assert main(["train", "--model", "fastcnn", "--epochs", "2", "--data-dir", str(small_dir), "--out", str(run)]) == 0
     (run / "summary.json").unlink()
-    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "fastpath"
+    assert checkpoint.read_state(run, arrays=False)[0]["engine"] == "kernels"
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
     monkeypatch.setattr(build, "available", lambda: False)
@@ -185,3 +185,36 @@ def test_resuming_without_the_kernels_is_refused_in_one_line(tmp_path, small_dir
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot continue here" in err and "MNISTLAB_NATIVE=0" in err, err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost, nothing changed
+
+
+@pytest.mark.parametrize("name", ["kernels", "autograd"])
+def test_validation_keeps_probabilities_only_when_asked(small_dir, name):
+    from mnistlab.data.mnist import load_dataset
+    from mnistlab.run.rundir import load_split
+
+    config = TrainConfig(model="fastcnn", epochs=1, data_dir=str(small_dir), device="cpu")
+    ds = load_dataset(config.data_dir)
+    e = choose.create_engine(config, ds.num_classes, "cpu", name=name)
+    assert e.name == name
+    e.set_data(*load_split(config, ds))
+    e.train_epoch(1)
+    without, with_ = e.validate(keep_proba=False), e.validate(keep_proba=True)
+    assert "proba" not in without and with_["proba"].shape == (len(load_split(config, ds)[3]), 10)
+    assert without["loss"] == with_["loss"] and without["acc"] == with_["acc"]
+
+
+def test_a_run_under_torchrun_needs_its_directory_named(monkeypatch, small_dir):
+    """Rank 0 and the others must agree on one directory: without ``out`` every process refuses it."""
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(UsageError, match="needs its run directory given"):
+            mnistlab.train_run(TrainConfig(model="linear", epochs=1, data_dir=str(small_dir)))
+
+
+def test_former_engine_names_resume_on_the_engines_they_name(small_dir):
+    config = TrainConfig(model="fastcnn", epochs=1, data_dir=str(small_dir), device="cpu")
+    assert choose.create_engine(config, 10, "cpu", name="fastpath").name == engine.KERNELS
+    assert choose.create_engine(config, 10, "cpu", name="pytorch").name == engine.AUTOGRAD
+    with pytest.raises(MnistlabError, match="unknown engine 'jax'"):
+        choose.create_engine(config, 10, "cpu", name="jax")

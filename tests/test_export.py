@@ -54,7 +54,7 @@ def test_export_refusals(tmp_path, capsys):
 def test_models_that_deskew_inside_export_with_it(tmp_path, small_dir, mnist, name, capsys):
     run = tmp_path / name
     assert main(["train", "--model", name, "--epochs", "1", "--data-dir", str(small_dir), "--out", str(run)]) == 0
-    assert '"engine": "pytorch"' in (run / "summary.json").read_text()
+    assert '"engine": "autograd"' in (run / "summary.json").read_text()
     pixels = mnist.images[60000:60300].astype(np.float32) / 256
     model = mnistlab.load_run(run).model
     with torch.no_grad():

@@ -55,14 +55,21 @@ def test_images_as_28x28_and_as_rows_give_the_same_logits():
     assert torch.equal(native.seedcnn(model, x), native.seedcnn(model, x.reshape(9, 784)))
 
 
-def test_supports_only_the_seeds_cnn_in_float32_on_the_cpu():
+def test_the_kernels_apply_to_the_seeds_cnn_and_fastcnn_in_float32_on_the_cpu():
+    from mnistlab.kernels.calls import applies
+
     x = torch.rand(2, 784)
-    assert native.supports(mnistlab.models.CNN(), x)
-    assert not native.supports(mnistlab.models.CNN(), x.double())
-    assert not native.supports(mnistlab.models.CNN().double(), x)
-    assert not native.supports(mnistlab.models.CNN(num_classes=17), x)  # more classes than a vector holds
-    assert not native.supports(mnistlab.models.create_model("fastcnn"), x)
-    assert not native.supports(mnistlab.models.FeedForward(), x)
+    assert native.kernels_apply(mnistlab.models.CNN(), x)
+    assert not native.kernels_apply(mnistlab.models.CNN(), x.double())
+    assert not native.kernels_apply(mnistlab.models.CNN().double(), x)
+    assert not native.kernels_apply(mnistlab.models.CNN(num_classes=17), x)  # more classes than a vector holds
+    assert not native.kernels_apply(mnistlab.models.FeedForward(), x)
+    for name in ("fastcnn", "widecnn"):
+        assert native.kernels_apply(mnistlab.models.create_model(name), x)
+    for name in ("deskewcnn", "normcnn", "bncnn"):  # FastCNN's subclasses change the forward pass
+        assert not native.kernels_apply(mnistlab.models.create_model(name), x), name
+    assert not native.kernels_apply(mnistlab.models.FastCNN(widths=(16, 32, 72)), x)  # widths the C code lacks
+    assert not applies("fastcnn", "cuda", widths=(16, 32, 64)) and not applies("seedcnn", "cuda")
 
 
 def test_fit_uses_the_kernels_and_learns_like_pytorch(mnist, monkeypatch):
@@ -74,7 +81,7 @@ def test_fit_uses_the_kernels_and_learns_like_pytorch(mnist, monkeypatch):
     runs = []
     for use in (True, False):
         if not use:
-            monkeypatch.setattr(native, "supports", lambda model, x: False)
+            monkeypatch.setattr(native, "kernels_apply", lambda model, x=None: False)
         torch.manual_seed(3)
         model = mnistlab.models.CNN()
         h = mnistlab.fit(model, x[:640], y[:640], x[50000:50500], y[50000:50500], epochs=2, device="cpu")
@@ -124,7 +131,7 @@ def test_evaluation_uses_the_kernels_with_pytorchs_numbers(mnist, monkeypatch):
     ours = mnistlab.evaluate(model, x, y, keep_proba=True)
     proba = mnistlab.predict_proba(model, x, batch_size=300)
     assert calls == [1000, 300, 300, 300, 100]
-    monkeypatch.setattr(native, "supports", lambda model, x: False)
+    monkeypatch.setattr(native, "kernels_apply", lambda model, x=None: False)
     theirs = mnistlab.evaluate(model, x, y, keep_proba=True)
     assert len(calls) == 5
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
@@ -222,7 +229,7 @@ def test_fit_trains_fastcnn_through_the_kernels(mnist, monkeypatch, name, overri
     histories = []
     for use in (True, False):
         if not use:
-            monkeypatch.setattr(native, "fast_supported", lambda model: False)
+            monkeypatch.setattr(native, "kernels_apply", lambda model, x=None: False)
         torch.manual_seed(0)
         model = mnistlab.create_model(name)
         histories.append(mnistlab.fit(model, x[:1000], y[:1000], x[50000:50300], y[50000:50300], config))

@@ -14,11 +14,12 @@ from mnistlab.config import PRESETS, TrainConfig
 from mnistlab.data.mnist import split
 from mnistlab.data.shift import TTA_SHIFTS, shift_images
 from mnistlab.errors import RunError, UsageError
-from mnistlab.evaluation import evaluate, evaluate_run, predict, predict_proba
+from mnistlab.evaluation import evaluate, predict, predict_proba
 from mnistlab.lab.ensemble import ensemble
 from mnistlab.lab.seeds import spread, train_seeds
-from mnistlab.models import load_model
+from mnistlab.run.trained import load_model
 from mnistlab.train.augment import AUGMENTS, Augment
+from mnistlab.use.classifier import evaluate_run
 from mnistlab.use.prepare import prepare_array
 
 from .test_cli import run_cli
@@ -310,3 +311,26 @@ def test_mixes_score_every_subset_as_ensemble_does(tmp_path, small_dir):
         assert row["mean"] == pytest.approx(np.mean(accs)) and row["min"] == min(accs) and row["max"] == max(accs)
     with pytest.raises(UsageError, match="size must be a positive integer"):
         mixes(runs["lin"], size=0)
+
+
+def test_recipes_are_every_setting_but_the_seed():
+    from mnistlab.lab.ensemble import recipe_names
+
+    configs = [TrainConfig(model="widecnn", seed=0), TrainConfig(model="widecnn", seed=1, device="cpu"),
+               TrainConfig(model="widecnn", lr=0.05), TrainConfig(model="deskewcnn", subsample=0.9)]
+    names = recipe_names(configs)
+    assert names[0] == names[1] == "widecnn, 15 epochs, augment none, lr 0.1"
+    assert names[2] == "widecnn, 15 epochs, augment none, lr 0.05"
+    assert names[3] == "deskewcnn, 15 epochs, augment none, subsample 0.9"
+
+
+@pytest.mark.parametrize("args, message", [(["--size", "0", "x"], "size must be a positive integer, got 0"),
+                                           (["nowhere"], "run directory not found")])
+def test_the_mix_script_says_what_is_wrong_in_one_line(args, message):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "ensemble_mix.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode in (1, 2) and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr

@@ -133,9 +133,16 @@ def test_bad_spaces_are_refused_in_one_line(tmp_path, capsys, space, message):
 
 def test_choosing_on_the_test_split_and_bad_storages_are_refused(tmp_path, capsys):
     for split in ("standard", "seed"):
-        assert main(["search", str(tmp_path / "s"), "--split", split]) == 2
+        with pytest.raises(SystemExit) as exit:
+            main(["search", str(tmp_path / "s"), "--split", split])
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "test images" in err and "holdout" in err
+        assert exit.value.code == 2 and err.count("\n") == 1 and "test images" in err and "holdout" in err, err
+        with pytest.raises(UsageError, match="test images"):  # the Python API refuses them too
+            search.search(tmp_path / "s", 1, split=split)
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--split holdout" in help_text and "standard" not in help_text.split("--split")[1].split("--seed")[0]
     assert main(["search", str(tmp_path / "s"), "--storage", "mysql://x@localhost/db"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected sqlite:///PATH or postgresql://" in err

@@ -12,13 +12,12 @@ from .errors import MnistlabError, UsageError
 
 
 def _progress(enabled: bool):
-    """Per-batch and per-epoch hooks: a tqdm bar on a terminal, one line per epoch otherwise."""
+    """A per-batch hook drawing a tqdm progress bar (with the running mean loss), or None where not ``enabled``."""
+    if not enabled:
+        return None
     from tqdm import tqdm
 
     state = {"bar": None, "sum": 0.0}
-
-    if not enabled:
-        return None
 
     def on_batch(b: int, n: int, loss: float) -> None:
         if b == 0:
@@ -44,6 +43,11 @@ def describe_sgd(config) -> str:
     return ", ".join([text, *extras])
 
 
+def describe_recipe(config) -> str:
+    """What every training banner says of a recipe."""
+    return f"{config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, split {config.split}"
+
+
 def epoch_line(r: dict, epochs: int) -> str:
     return (f"epoch {r['epoch']:>3}/{epochs}  train_loss {r['train_loss']:.4f}  valid_loss {r['valid_loss']:.4f}  "
             f"valid_acc {100 * r['valid_acc']:.2f}%  {r['seconds']:.1f}s")
@@ -53,54 +57,53 @@ def format_grid(grid: list[list[int]]) -> str:
     return "[" + ",\n ".join(str(row) for row in grid) + "]"
 
 
-def _on_train_start(config, run_dir: Path, resuming: bool) -> None:
-    verb = f"resuming {run_dir}" if resuming else "training"
-    print(f"{verb} {config.model}: {config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, "
-          f"split {config.split}, seed {config.seed}", flush=True)
-
-
-def cmd_train(args) -> int:
-    from .run.driver import resume_run, train_run
-    from .run.rundir import default_run_dir, read_config
-    from .train import distributed
+def _train_config(args):
+    """The config the options give: a preset's or a --config file's values, then the options given."""
+    from .config import TrainConfig
 
     if args.config is not None and args.preset is not None:
         raise UsageError("give --config or --preset, not both")
+    # the options named as TrainConfig's fields; None: not given
+    options = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
+               if name != "preset" and hasattr(args, name)}
+    if args.config is not None:
+        try:
+            return TrainConfig.from_file(args.config, **options)
+        except UsageError as exc:
+            raise UsageError(f"--config {exc}") from None
+    return TrainConfig.from_preset(args.preset, **options)
+
+
+def cmd_train(args) -> int:
+    from .run.driver import RESUME, START, Job, run_training
+    from .train.distributed import launched
+
     if (args.storage is not None or args.study is not None) and args.seeds is None:
         raise UsageError("--storage and --study queue seeds; give --seeds too")
     if args.seeds is not None:
-        if args.nproc not in (None, 1):
-            raise UsageError("--seeds trains one process per run; leave out --nproc")
         return _train_seeds(args)
-    if args.resume is not None:
-        if args.out is not None:
-            raise UsageError("--resume continues the run in place; leave out --out")
-        config, run_dir = read_config(args.resume), Path(args.resume)
-    else:
-        config = _config_from_args(args)
-        run_dir = Path(args.out) if args.out else default_run_dir(config.model)
-    if distributed.launched():  # one of the processes torchrun started
-        config = _join_job(args, config)
-    elif config.nproc > 1:
-        return _launch_job(args, config, run_dir)
-    resuming = args.resume is not None or distributed.restarted()  # a restarted job continues its run
-    if distributed.is_main():
-        _on_train_start(config, run_dir, resuming)
-    interactive = sys.stdout.isatty() and sys.stderr.isatty() and not distributed.launched()
-    hooks = {"on_batch": _progress(interactive),
-             "on_epoch": lambda r: print(epoch_line(r, config.epochs), flush=True)}
+    if args.resume is not None and args.out is not None:
+        raise UsageError("--resume continues the run in place; leave out --out")
+    config = _train_config(args) if args.resume is None else None
+    started = {}
+
+    def on_start(config, run_dir: Path, history) -> None:
+        started.update(config=config, run_dir=run_dir)
+        verb = f"resuming {run_dir}" if history.epochs else "training"
+        print(f"{verb} {config.model}: {describe_recipe(config)}, seed {config.seed}", flush=True)
+
+    interactive = sys.stdout.isatty() and sys.stderr.isatty() and not launched()
     try:
-        if resuming:
-            result = resume_run(run_dir, **hooks)
-        else:
-            result = train_run(config, run_dir, force=args.force, **hooks)
+        result = run_training(config, args.resume or args.out, mode=RESUME if args.resume else START,
+                              force=args.force, job=Job(args.argv, args.max_restarts, args.dist_timeout),
+                              on_start=on_start, on_batch=_progress(interactive),
+                              on_epoch=lambda r: print(epoch_line(r, started["config"].epochs), flush=True))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {run_dir}",
+        where = started.get("run_dir", args.resume or args.out or "RUN_DIR")
+        print(f"\ninterrupted; every complete epoch is saved. Resume with: mnistlab train --resume {where}",
               file=sys.stderr)
         return 130
-    finally:
-        distributed.teardown()
-    if not distributed.is_main():
+    if result is None:  # another process of a data-parallel job, or the launcher of one
         return 0
     s = result.summary
     print(f"predicted labels of validation images 0-8:\n{format_grid(s['grid_predictions'])}")
@@ -111,80 +114,33 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _launch_job(args, config, run_dir: Path) -> int:
-    """Start ``config.nproc`` processes through torchrun, each running this same command."""
-    from .train import distributed
-    from .train.engine import check_processes, resolve_device
-
-    check_processes(config, resolve_device(config.device))  # what the processes would refuse, before starting them
-    argv = list(args.argv)
-    if args.resume is None and args.out is None:  # one run directory for all the processes
-        argv += ["--out", str(run_dir)]
-    return distributed.launch(argv, config.nproc, args.max_restarts)
-
-
-def _join_job(args, config):
-    """Join the job torchrun started; the config records the job's size. Other ranks print nothing."""
-    from dataclasses import replace
-
-    from .train import distributed
-    from .train.engine import resolve_device
-
-    config = replace(config, nproc=distributed.world_size())
-    distributed.setup(resolve_device(config.device), args.dist_timeout or distributed.DEFAULT_TIMEOUT)
-    if not distributed.is_main():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    return config
-
-
-def _config_from_args(args):
-    from .config import TrainConfig
-
-    # the options named as TrainConfig's fields; None: not given
-    options = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
-               if name != "preset" and hasattr(args, name)}
-    if args.config:
-        options = {k: v for k, v in options.items() if v is not None}
-        return TrainConfig.from_dict({**_read_config_file(args.config), **options})
-    return TrainConfig.from_preset(args.preset, **options)
-
-
-def _read_config_file(path: str) -> dict:
-    from .config import TrainConfig
-
-    try:
-        values = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: file not found") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--config {path}: not a JSON config ({exc})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: expected a JSON object of training settings")
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__) - {"resolved_device"}
-    if unknown:
-        raise UsageError(f"--config {path}: unknown setting {sorted(unknown)[0]!r}")
-    return {k: v for k, v in values.items() if k != "resolved_device"}
-
-
 def _train_seeds(args) -> int:
-    from .lab.seeds import format_spread, train_seeds
+    from .lab.seeds import format_spread, train_queued_seeds, train_seeds
     from .run.rundir import default_run_dir
 
     if args.resume is not None or args.seed is not None:
         raise UsageError("--seeds trains fresh runs; leave out --resume and --seed (resume one OUT/seed-S instead)")
-    config = _config_from_args(args)
+    if args.nproc not in (None, 1):
+        raise UsageError("--seeds trains one process per run; leave out --nproc")
+    config = _train_config(args)
     out = Path(args.out) if args.out else default_run_dir(config.model)
-    if args.storage is not None:
-        return _queued_seeds(args, config, out)
-    print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}: {config.epochs} epochs, batch "
-          f"{config.batch_size}, {describe_sgd(config)}, split {config.split}; runs in {out}", flush=True)
+    queued = f" queued in {args.storage}" if args.storage is not None else ""
+    print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}{queued}: {describe_recipe(config)}; "
+          f"runs in {out}", flush=True)
+    hooks = _seed_hooks(config)
     try:
-        summary = train_seeds(config, list(args.seeds), out, force=args.force, **_seed_hooks(config))
+        if args.storage is not None:
+            summary = train_queued_seeds(config, list(args.seeds), out, args.storage, args.study, **hooks)
+        else:
+            summary = train_seeds(config, list(args.seeds), out, force=args.force, **hooks)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished seeds are in {out}; resume the interrupted one with "
               f"mnistlab train --resume {out}/seed-S", file=sys.stderr)
         return 130
-    print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
+    if summary is None:
+        print("no seed left to claim; the others are still training elsewhere")
+    else:
+        print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
     return 0
 
 
@@ -200,20 +156,6 @@ def _seed_hooks(config) -> dict:
         print(f"seed {seed} {epoch_line(r, config.epochs)}", flush=True)
 
     return {"on_run": on_run, "on_epoch": on_epoch}
-
-
-def _queued_seeds(args, config, out: Path) -> int:
-    from .lab.seeds import format_spread, train_queued_seeds
-
-    print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))} queued in {args.storage}: "
-          f"{config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, split {config.split}; "
-          f"runs in {out}", flush=True)
-    summary = train_queued_seeds(config, list(args.seeds), out, args.storage, args.study, **_seed_hooks(config))
-    if summary is None:
-        print("no seed left to claim; the others are still training elsewhere")
-    else:
-        print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
-    return 0
 
 
 def cmd_search(args) -> int:
@@ -277,7 +219,7 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_run
+    from .use.classifier import evaluate_run
 
     result = evaluate_run(args.run_dir, tta=args.tta)
     if args.json:

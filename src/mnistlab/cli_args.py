@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
-from .config import AUGMENT_NAMES, DEVICES, MODEL_NAMES, PRESETS
-from .data.mnist import SPLITS
-from .train.schedule import SCHEDULES
+from .config import AUGMENT_NAMES, AUGMENTS, DEVICES, MODEL_NAMES, PRESETS, RECIPES, SCHEDULES, TrainConfig
+from .data.mnist import SPLITS, TUNING_SPLITS
+from .train.distributed import DEFAULT_TIMEOUT
 
 EXIT_USAGE = 2
 
@@ -60,6 +60,14 @@ def seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def tuning_split(text: str) -> str:
+    """A split to choose settings on: one whose validation part holds no test image."""
+    if text in TUNING_SPLITS:
+        return text
+    why = "its validation part holds the 10,000 test images" if text in SPLITS else "no such split"
+    raise argparse.ArgumentTypeError(f"{text!r}: {why}; expected {' or '.join(TUNING_SPLITS)}")
+
+
 def index_range(text: str) -> tuple[int, int]:
     """'A:B' (items A..B-1) or 'N' (item N)."""
     try:
@@ -76,40 +84,74 @@ def index_range(text: str) -> tuple[int, int]:
     return start, stop
 
 
+def default(name: str):
+    """A :class:`TrainConfig` field's default value."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _presets_help() -> str:
+    """Each preset's values, as the help of --preset shows them."""
+    def values(p: dict) -> str:
+        shown = [f"{p['model']}, {p['epochs']} epochs, batch {p['batch_size']}, lr {p['lr']:g}"]
+        shown += [f"{k.replace('_', ' ')} {v:g}" if not isinstance(v, str) else f"{k} {v}"
+                  for k, v in p.items() if k not in ("model", "epochs", "batch_size", "lr", "momentum", "nesterov",
+                                                      "tta") and v is not True]
+        shown += [k for k in ("nesterov", "tta") if p.get(k)]
+        return ", ".join(shown)
+
+    roles = {"seed": "the seed's CNN as its walk-through trains it", "fast": "time to 99%%",
+             "best": "accuracy on the standard test set"}
+    return "; ".join(f"{name}: {roles.get(name, name)} ({values(p)})" for name, p in PRESETS.items())
+
+
+def _augment_help() -> str:
+    affine, elastic = AUGMENTS["affine"], AUGMENTS["elastic"]
+    return (f"affine: random shifts ({affine['shift']:g} px), rotations ({affine['rotate']:g} degrees) and scaling "
+            f"({100 * affine['scale']:g}%%) per image; elastic: the same plus a smooth random elastic distortion "
+            f"({elastic['elastic']:g} px at {elastic['control']}x{elastic['control']} control points) "
+            f"(default: {default('augment')})")
+
+
+def _by_model(key: str) -> str:
+    return ", ".join(f"{recipe[key]:g} for {model}" for model, recipe in RECIPES.items())
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory",
                        description="Train a model as the seed does and write a run directory.")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="a named recipe; explicit options override its values. seed: the seed's CNN as its "
-                        "walk-through trains it (the default values below); fast: time to 99%% (a small "
-                        "BatchNorm CNN, 2 epochs, one-cycle Nesterov SGD); best: accuracy on the standard test set "
-                        "(fastcnn twice as wide, augmentation, 65 epochs, test-time augmentation)")
-    p.add_argument("--model", default=None, choices=list(MODEL_NAMES), help="registered model (default: cnn)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training part (default: 15)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="images per SGD step (default: 64)")
+                   help=f"a named recipe; explicit options override its values. {_presets_help()}")
+    p.add_argument("--model", default=None, choices=list(MODEL_NAMES),
+                   help=f"registered model (default: {default('model')})")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"passes over the training part (default: {default('epochs')})")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"images per SGD step (default: {default('batch_size')})")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="SGD learning rate, the peak one with --schedule onecycle (default: 0.5 for linear, 0.1 "
-                        "for cnn)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0 for linear, 0.9 for cnn)")
+                   help=f"SGD learning rate, the peak one with --schedule onecycle (default: {_by_model('lr')})")
+    p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {_by_model('momentum')})")
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default: 0)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"L2 penalty (default: {default('weight_decay'):g})")
     p.add_argument("--schedule", default=None, choices=list(SCHEDULES),
-                   help="learning rate per step: constant, or onecycle (linear rise over the first quarter, "
-                        "then linear fall to 0) (default: constant)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="in [0, 1) (default: 0)")
-    p.add_argument("--augment", default=None, choices=list(AUGMENT_NAMES),
-                   help="affine: random shifts (2 px), rotations (10 degrees) and scaling (10%%) per image; "
-                        "elastic: the same plus a smooth random elastic distortion (default: none)")
+                   help=f"learning rate per step: constant, or onecycle (linear rise over the first "
+                        f"{100 * default('warmup'):g}%% of the steps, then linear fall to 0) "
+                        f"(default: {default('schedule')})")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help=f"in [0, 1) (default: {default('label_smoothing'):g})")
+    p.add_argument("--augment", default=None, choices=list(AUGMENT_NAMES), help=_augment_help())
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights, updated every step "
                         "with this decay, e.g. 0.999 (default: 0, off)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="score the final model with test-time augmentation: probabilities averaged over each "
-                        "validation image and its 8 one-pixel shifts (default: off; on in --preset best)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for weights and shuffling (default: 0)")
+                        "validation image and its 8 one-pixel shifts (default: off)")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help=f"random seed for weights and shuffling (default: {default('seed')})")
     p.add_argument("--subsample", type=float, default=None, metavar="FRACTION",
                    help="train on this fraction of the training part, a subset drawn with the seed: runs of "
-                        "different seeds see different images, for diverse ensembles (default: 1, all)")
+                        f"different seeds see different images, for diverse ensembles (default: "
+                        f"{default('subsample'):g}, all)")
     p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...|A-B",
                    help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
     p.add_argument("--storage", default=None, metavar="URL",
@@ -122,7 +164,8 @@ def _add_train(sub) -> None:
                         "override its values")
     p.add_argument("--split", default=None, choices=list(SPLITS),
                    help="seed: first 50,000 train / last 20,000 valid; standard: 60,000 / the 10,000 test images; "
-                        "holdout: the training images alone, 50,000 / 10,000, for tuning (default: seed)")
+                        f"holdout: the training images alone, 50,000 / 10,000, for tuning "
+                        f"(default: {default('split')})")
     p.add_argument("--data-dir", default=None,
                    help="folder with the four MNIST-format IDX files, gzip or raw (default: the shipped MNIST)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-YYYYmmdd-HHMMSS)")
@@ -130,16 +173,17 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last complete epoch (its own config is used)")
     p.add_argument("--device", default=None, choices=list(DEVICES),
-                   help="auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
-                        "(default: auto)")
+                   help=f"auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
+                        f"(default: {default('device')})")
     p.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                    help="train this run in N processes on this machine (data-parallel, through torchrun; gloo on "
-                        "the CPU, NCCL on GPUs); --batch-size stays the global batch (default: 1)")
+                        f"the CPU, NCCL on GPUs); --batch-size stays the global batch (default: {default('nproc')})")
     p.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="K",
                    help="with --nproc: restart every process from the last checkpoint after one dies, up to K "
                         "times (default: 0)")
     p.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
-                   help="with --nproc: end the job when a process stays silent this long (default: 120)")
+                   help=f"with --nproc: end the job when a process stays silent this long (default: "
+                        f"{DEFAULT_TIMEOUT:g})")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="with --nproc on GPUs: BatchNorm statistics over the whole global batch (default: each "
                         "process its own)")
@@ -161,11 +205,14 @@ def _add_search(sub) -> None:
                    help="Optuna storage: sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
                         "sqlite:///OUT/study.db)")
     p.add_argument("--study", default=None, help="study name in the storage (default: search)")
-    p.add_argument("--split", default="holdout", choices=list(SPLITS),
-                   help="only holdout is allowed: the others' validation parts hold the test images (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's run (default: 0)")
+    p.add_argument("--split", default=TUNING_SPLITS[0], type=tuning_split, metavar="|".join(TUNING_SPLITS),
+                   help=f"{', '.join(TUNING_SPLITS)}: the training images alone; the other splits' validation parts "
+                        f"hold the test images, so a search never runs on them (default: {TUNING_SPLITS[0]})")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the sampler and of every trial's run (default: 0)")
     p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")
-    p.add_argument("--device", default="auto", choices=list(DEVICES), help="(default: auto)")
+    p.add_argument("--device", default=default("device"), choices=list(DEVICES),
+                   help=f"(default: {default('device')})")
     p.add_argument("--heartbeat", type=positive_int, default=30, metavar="SECONDS",
                    help="a worker silent for 3 heartbeats is taken as dead and its trial continued by another "
                         "(default: 30)")

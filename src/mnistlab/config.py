@@ -6,6 +6,7 @@ engine trains (:mod:`mnistlab.train.kernel_engine`), without importing it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -15,15 +16,25 @@ import numpy as np
 
 from .data.mnist import SPLITS
 from .errors import UsageError
-from .train.schedule import SCHEDULES
 
-AUGMENT_NAMES = ("none", "affine", "elastic")  # mnistlab.train.augment.AUGMENTS
-# The built-in models of mnistlab.models.
+# The built-in models of mnistlab.models, named here so that the command line and a config's check
+# need no PyTorch (tests/test_engines.py holds them to the registry).
 MODEL_NAMES = ("linear", "cnn", "fastcnn", "widecnn", "bncnn", "poolcnn", "deskewcnn", "normcnn")
 # The FastCNN models (mnistlab.models) and their channels per conv layer; the compiled kernels train these.
 FASTCNN_WIDTHS = {"fastcnn": (16, 32, 64), "widecnn": (32, 64, 128)}
 
-DEVICES = ("auto", "cpu", "cuda")  # mnistlab.train.engine.resolve_device
+# Augmentations by name: the ranges of their random maps per image (mnistlab.train.augment.Augment):
+# shift in pixels, rotate in degrees, scale relative; elastic: pixels of displacement at each of
+# control x control points. None: no augmentation.
+AUGMENTS = {
+    "none": None,
+    "affine": {"shift": 2.0, "rotate": 10.0, "scale": 0.1},
+    "elastic": {"shift": 2.0, "rotate": 10.0, "scale": 0.1, "elastic": 1.5, "control": 4},
+}
+AUGMENT_NAMES = tuple(AUGMENTS)
+SCHEDULES = ("constant", "onecycle")  # mnistlab.train.schedule.learning_rate
+DEVICES = ("auto", "cpu", "cuda")  # mnistlab.train.device.resolve_device
+RECORDED = ("resolved_device",)  # written into a run's config.json beside its settings; not settings
 
 # Per-model SGD settings where the seed leaves them open (the PyTorch tutorial's values).
 RECIPES = {
@@ -74,6 +85,23 @@ class TrainConfig:
     preset: str | None = None  # the preset these values came from, for the record
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A JSON config file (a search's ``best.json``, a run's ``config.json``), then ``overrides``
+        (``None`` values are ignored); one-line errors naming the file."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{path}: file not found") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not a JSON config ({exc})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: expected a JSON object of training settings")
+        try:
+            return cls.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+
+    @classmethod
     def from_preset(cls, name: str | None, **overrides) -> TrainConfig:
         """The preset's values (see ``PRESETS``), then ``overrides`` (``None`` values are ignored)."""
         if name is not None and name not in PRESETS:
@@ -95,6 +123,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_device(self.device)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise UsageError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
         for name in ("epochs", "batch_size", "nproc"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -103,8 +134,6 @@ class TrainConfig:
             raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise UsageError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        if self.device not in DEVICES:
-            raise UsageError(f"unknown device {self.device!r}; expected one of: {', '.join(DEVICES)}")
         if self.split not in SPLITS:
             raise UsageError(f"unknown split {self.split!r}; expected one of: {', '.join(SPLITS)}")
         if self.augment not in AUGMENT_NAMES:
@@ -130,8 +159,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """The config these values make; an unknown setting is refused (``RECORDED`` keys are skipped)."""
         known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - set(RECORDED))
+        if unknown:
+            raise UsageError(f"unknown setting {unknown[0]!r}; expected some of: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_device(name) -> None:
+    if name not in DEVICES:
+        raise UsageError(f"unknown device {name!r}; expected one of: {', '.join(DEVICES)}")
 
 
 @dataclass

@@ -34,3 +34,10 @@ class TrainingDiverged(MnistlabError):
     that no longer depend on the image (exit status 1). The last good epoch's checkpoint stays."""
 
     exit_code = 1
+
+
+def first_line(exc: object, limit: int | None = None) -> str:
+    """The first line of an exception's text (its type's name if it has none), for a one-line message."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit else line

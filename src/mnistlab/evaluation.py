@@ -1,9 +1,6 @@
-"""Loss, accuracy and predictions of a model on a set of images, and of a finished run on its
-validation part. Returns numbers, prints nothing."""
+"""Loss, accuracy and predictions of a model on a set of images. Returns numbers, prints nothing."""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
@@ -116,28 +113,3 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 128, chunk: int = 2048, t
     if keep_proba:
         result["proba"] = proba.numpy()
     return result
-
-
-def evaluate_run(run_dir: str | os.PathLike, dataset=None, tta: bool | None = None) -> dict:
-    """Loss and accuracy of a run's model on the validation part of its split, per-class figures
-    and the most confused pairs. ``tta``: score with test-time augmentation (``TTA_SHIFTS``);
-    ``None`` does what the run's config says."""
-    from .data.mnist import load_dataset
-    from .models import load_model
-    from .run.rundir import load_split, read_config
-
-    config = read_config(run_dir)
-    model = load_model(run_dir)
-    tta = config.tta if tta is None else tta
-    ds = dataset if dataset is not None else load_dataset(config.data_dir)
-    _, _, x_valid, y_valid = load_split(config, ds)
-    proba = predict_proba(model, x_valid, tta=tta)
-    batch_size = 2 * config.batch_size
-    if tta:
-        result = metrics.score(proba, y_valid, batch_size)
-    else:
-        result = evaluate(model, x_valid, y_valid, batch_size=batch_size)
-    matrix = metrics.confusion_matrix(proba.argmax(axis=1), y_valid, ds.num_classes)
-    return {"valid_loss": result["loss"], "valid_acc": result["acc"], "n_valid": len(x_valid), "tta": tta,
-            "per_class": metrics.per_class(matrix), "most_confused": metrics.most_confused(matrix),
-            "confusion": matrix.tolist()}

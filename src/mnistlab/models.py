@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FASTCNN_WIDTHS
-from .errors import RunError, UsageError
-from .run.checkpoint import META, WEIGHTS, read_model_meta, read_weights
+from .errors import UsageError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -50,6 +49,8 @@ class FeedForward(nn.Module):
 
 class CNN(nn.Module):
     """The seed's three-layer CNN: 28x28x1 -> 14x14x16 -> 7x7x16 -> 4x4xC -> avg-pool -> C."""
+
+    kernel = "seedcnn"  # the compiled kernels compute this class (not its subclasses) on the CPU
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -89,6 +90,8 @@ class FastCNN(StandardizedNet):
     stride 2 -> 4x4x64 -> linear -> C; each conv followed by BatchNorm and ReLU. About
     0.6 million multiply-adds and 33,000 parameters per image.
     """
+
+    kernel = "fastcnn"  # the compiled kernels compute this class (not its subclasses) on the CPU
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
@@ -251,18 +254,3 @@ def poolcnn(num_classes: int = 10) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def load_model(directory) -> nn.Module:
-    """Rebuild the model saved in ``directory`` (``model.json`` + ``model.safetensors``), in eval
-    mode on the CPU. Nothing is unpickled."""
-    name, config = read_model_meta(directory)
-    if name not in _REGISTRY:
-        raise RunError(f"{directory}/{META}: unknown model {name!r}; this version knows {', '.join(list_models())}")
-    model = create_model(name, **config)
-    try:
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in read_weights(directory).items()})
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"{directory}/{WEIGHTS}: cannot load the weights ({first})") from None
-    return model.eval()

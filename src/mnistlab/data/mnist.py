@@ -29,6 +29,8 @@ MNIST_FILES = {
 }
 IMAGE_SIDE = 28
 SPLITS = ("seed", "standard", "holdout")
+# The splits whose validation part holds no test image: the only ones to choose settings on.
+TUNING_SPLITS = ("holdout",)
 SOURCES = ("shipped", "openml")
 
 

@@ -5,9 +5,9 @@ a training step on per-call overhead (about 11% of this CPU's arithmetic peak). 
 in ``csrc/`` compute the seed's CNN and FastCNN (the fast preset's widths, ``widecnn``'s, any
 multiples of 16 up to 128), forward and backward, in a few loops over 16-channel vectors.
 Here they become autograd functions (:func:`seedcnn`, :func:`fastcnn`) and evaluation-mode
-forwards (:func:`fastcnn_eval`); :func:`forward_for` picks what applies. Without a compiler,
-or where it fails (:func:`mnistlab.kernels.build.available`), PyTorch's layers run.
-``MNISTLAB_NATIVE=0`` turns the kernels off.
+forwards (:func:`fastcnn_eval`); :func:`forward_for` picks what applies, by the rule of
+:func:`mnistlab.kernels.calls.applies` (a model class names the network it is in its ``kernel``
+attribute). Elsewhere PyTorch's layers run. ``MNISTLAB_NATIVE=0`` turns the kernels off.
 
 The arithmetic is the same as PyTorch's up to the order of the additions (float32
 throughout), so results agree to rounding, not bit for bit (``tests/test_native.py``).
@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import calls
-from .build import available, library
+from .build import library
 from .fastcnn import BN_MOMENTUM, running_stats, update_running
-
-MAX_CLASSES = 16
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -59,16 +57,10 @@ class SeedCNNFunction(torch.autograd.Function):
         return (None, *grads)
 
 
-def supports(model: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`seedcnn` can run ``model`` (the seed's CNN) on the batch ``x``."""
-    from ..models import CNN
-
-    return type(model) is CNN and model.conv3.out_channels <= MAX_CLASSES and _cpu_float(model, x) and available()
-
-
-def _cpu_float(model: torch.nn.Module, x: torch.Tensor) -> bool:
-    tensors = [x, *model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def kernel_of(model: torch.nn.Module) -> str | None:
+    """The network the kernels would compute for ``model``: its class's own ``kernel`` (a subclass,
+    which may change the forward pass, does not inherit it)."""
+    return vars(type(model)).get("kernel")
 
 
 def seedcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,19 +107,23 @@ def _conv_bn_layers(model: torch.nn.Module):
     return list(zip(convs, bns, strict=True))
 
 
-def fast_supported(model: torch.nn.Module) -> bool:
-    from ..models import FastCNN
-
-    if type(model) is not FastCNN:
+def kernels_apply(model: torch.nn.Module, x: torch.Tensor | None = None) -> bool:
+    """Whether the kernels compute ``model`` (on batches like ``x``): the rule
+    (:func:`~mnistlab.kernels.calls.applies`) for its network, widths and device, and float32
+    tensors and the layer settings the C code assumes."""
+    kernel = kernel_of(model)
+    tensors = [*([] if x is None else [x]), *model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if not tensors or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return False
+    if kernel == calls.SEEDCNN:
+        return calls.applies(kernel, "cpu", classes=model.conv3.out_channels)
+    if kernel != calls.FASTCNN:
         return False
     layers = _conv_bn_layers(model)
-    convs, bns = [c for c, _ in layers], [b for _, b in layers]
-    return (
-        calls.widths_supported(tuple(c.out_channels for c in convs))
-        and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum == BN_MOMENTUM for b in bns)
-        and model.MEAN == 0.1307
-        and model.STD == 0.3081
-    )
+    bns = [b for _, b in layers]
+    return (calls.applies(kernel, "cpu", widths=tuple(c.out_channels for c, _ in layers))
+            and all(b.affine and b.track_running_stats and b.eps == 1e-5 and b.momentum == BN_MOMENTUM for b in bns)
+            and model.MEAN == 0.1307 and model.STD == 0.3081)
 
 
 def fastcnn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -165,10 +161,10 @@ def fastcnn_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def forward_for(model: torch.nn.Module, x: torch.Tensor):
     """``model``'s forward pass for batches like ``x``: :func:`seedcnn` or :func:`fastcnn` where
     they apply, else ``model`` itself. Decided once, in the model's current mode (train/eval)."""
-    if supports(model, x[:1].float()):
+    if not kernels_apply(model, x[:1].float()):
+        return model
+    if kernel_of(model) == calls.SEEDCNN:
         return lambda xb: seedcnn(model, xb)
-    if fast_supported(model) and _cpu_float(model, x[:1].float()) and available():
-        if model.training:
-            return lambda xb: fastcnn(model, xb)
-        return lambda xb: fastcnn_eval(model, xb)
-    return model
+    if model.training:
+        return lambda xb: fastcnn(model, xb)
+    return lambda xb: fastcnn_eval(model, xb)

@@ -10,11 +10,29 @@ import ctypes
 
 import numpy as np
 
+from . import build
 from .build import library
 
 # The FastCNN widths the kernels take: multiples of 16 up to MAX_WIDTH (csrc/fastcnn.c's SMAX),
 # also the row length of the BatchNorm statistics (6, MAX_WIDTH).
 MAX_WIDTH = 128
+MAX_CLASSES = 16  # the seed's CNN: classes (its last layer's channels) csrc/seedcnn.c takes
+SEEDCNN, FASTCNN = "seedcnn", "fastcnn"  # the networks the kernels compute (a model class's ``kernel``)
+
+
+def applies(kernel: str | None, device: str, widths=None, classes: int | None = None) -> bool:
+    """The one rule for where the compiled kernels compute a network: the seed's CNN (``kernel``
+    ``"seedcnn"``, at most ``MAX_CLASSES`` ``classes``) or FastCNN (``"fastcnn"``, ``widths`` they
+    take) on the CPU, where the library is available (a C compiler, ``MNISTLAB_NATIVE`` not 0)."""
+    if device != "cpu":
+        return False
+    if kernel == SEEDCNN:
+        fits = classes is None or 0 < classes <= MAX_CLASSES
+    elif kernel == FASTCNN:
+        fits = widths is not None and widths_supported(tuple(widths))
+    else:
+        fits = False
+    return fits and build.available()
 
 
 def fast_saved(widths: tuple[int, int, int]) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ of a step at the fast preset's batch of 256 on 2 cores), and this module does no
 PyTorch, whose import alone takes 1.7 to 2.5 seconds here. The arithmetic is PyTorch's:
 ``F.cross_entropy`` with label smoothing, BatchNorm's running statistics (unbiased variance,
 momentum 0.1), and ``torch.optim.SGD``'s momentum, Nesterov momentum and weight decay; results
-agree with PyTorch's to float32 rounding (``tests/test_fastpath.py``).
+agree with PyTorch's to float32 rounding (``tests/test_fastcnn_steps.py``).
 
 The weights live in a dict of float32 arrays named as in ``FastCNN.state_dict()``, so they load
 into :class:`mnistlab.models.FastCNN`.

@@ -262,7 +262,7 @@ def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> st
 def run_bench(plan: BenchPlan, on_result=None) -> dict:
     """Run ``plan``'s jobs one after another; ``on_result(Measured)`` after each. Returns the
     ``rows`` (:func:`summarize`), the Markdown ``table``, the ``peak`` FLOP/s and the ``machine``."""
-    from ..train.engine import resolve_device
+    from ..train.device import resolve_device
 
     resolve_device(plan.device)  # a clear error before minutes of work
     peak = peak_flops(device=plan.device)

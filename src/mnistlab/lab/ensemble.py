@@ -10,8 +10,8 @@ import numpy as np
 from ..data.mnist import Dataset, load_dataset
 from ..errors import RunError, UsageError
 from ..evaluation import predict_proba
-from ..models import load_model
 from ..run.rundir import load_split, read_config
+from ..run.trained import load_model
 from .seeds import spread
 
 
@@ -67,12 +67,31 @@ def _proba(run_dir, x_valid, tta: bool, like: np.ndarray | None) -> np.ndarray:
     return proba
 
 
-def recipe_of(config) -> str:
-    """What makes runs members of one recipe in :func:`mixes`: everything in the config but the seed."""
-    parts = [config.model, f"{config.epochs} epochs", f"augment {config.augment}"]
-    if config.subsample < 1:
-        parts.append(f"subsample {config.subsample:g}")
-    return ", ".join(parts)
+# Config fields that do not make runs different recipes in :func:`mixes`: the seed, where they
+# ran, and which preset the values came from.
+NOT_RECIPE = ("seed", "device", "preset")
+
+
+def recipe_names(configs) -> list[str]:
+    """A name for each config's recipe (all its settings but ``NOT_RECIPE``): model, epochs,
+    augmentation and subsample, plus whatever else tells two of the recipes apart."""
+    def short(c):
+        parts = [c.model, f"{c.epochs} epochs", f"augment {c.augment}"]
+        return ", ".join(parts + ([f"subsample {c.subsample:g}"] if c.subsample < 1 else []))
+
+    def key(c):
+        return tuple((k, v) for k, v in c.to_dict().items() if k not in NOT_RECIPE)
+
+    recipes = {key(c): c for c in configs}
+    shorts: dict[str, set] = {}
+    for k, c in recipes.items():
+        shorts.setdefault(short(c), set()).add(k)
+    names = {}
+    for k, c in recipes.items():
+        clash = shorts[short(c)]
+        varying = sorted({f for other in clash for f, v in other if dict(k)[f] != v})
+        names[k] = ", ".join([short(c), *(f"{f} {dict(k)[f]}" for f in varying)])
+    return [names[key(c)] for c in configs]
 
 
 def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | None = None,
@@ -80,7 +99,7 @@ def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | N
     """Which mix of recipes makes the best ensemble: every subset of the runs of at most ``size``
     members, scored as :func:`ensemble` scores it, grouped by mix.
 
-    Runs are grouped by recipe (:func:`recipe_of`); a mix gives each recipe a count of members.
+    Runs are grouped by recipe (:func:`recipe_names`); a mix gives each recipe a count of members.
     Returns the recipes (sorted) and one row per mix: ``counts`` (per recipe, in that order),
     ``members``, and over the subsets of the runs with that mix, ``mean`` / ``min`` / ``max``
     accuracy and their number ``subsets``; rows sorted by members, then best mean first. Each
@@ -91,9 +110,9 @@ def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | N
     configs, x_valid, y_valid = _validation_part(run_dirs, dataset)
     groups: dict[str, list[np.ndarray]] = {}
     proba = None
-    for d, c in zip(run_dirs, configs, strict=True):
+    for d, name in zip(run_dirs, recipe_names(configs), strict=True):
         proba = _proba(d, x_valid, tta, like=proba)
-        groups.setdefault(recipe_of(c), []).append(proba)
+        groups.setdefault(name, []).append(proba)
     names = sorted(groups)
     rows = []
     for counts in itertools.product(*(range(len(groups[n]) + 1) for n in names)):

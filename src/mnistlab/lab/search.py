@@ -16,13 +16,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import MODEL_NAMES, TrainConfig
-from ..data.mnist import load_dataset
+from ..config import FASTCNN_WIDTHS, MODEL_NAMES, PRESETS, TrainConfig
+from ..data.mnist import TUNING_SPLITS, load_dataset
 from ..errors import TrainingDiverged, UsageError
 from ..files import write_json_atomic
-from ..run.checkpoint import STATE
-from ..run.driver import resume_run, train_run
-from ..run.rundir import SUMMARY, read_history, read_summary
+from ..run.driver import CONTINUE, START, run_training
+from ..run.rundir import read_config
 from ..use.report import SEARCH_TRIALS
 from .studies import connect, open_study, retried_number, seed_sampler, storage_url, work_left
 
@@ -30,22 +29,24 @@ STUDY = "search"  # the default study name
 PRUNE_AFTER_TRIALS = 3  # trials that run to the end before the median pruner stops any
 SPACE = "space.json"
 BEST = "best.json"
-SEARCH_SPLITS = ("holdout",)  # the only split whose validation part holds no test image
 TUNABLE = {"lr", "momentum", "weight_decay", "label_smoothing", "batch_size", "epochs", "model", "augment",
            "nesterov", "schedule", "warmup", "ema", "tta", "subsample"}
 KINDS = ("float", "int", "categorical")
 
 # The default space: the fast preset's recipe around its own values, sized for trials of seconds.
+_FAST = PRESETS["fast"]
 DEFAULT_SPACE = {
     "base": {"preset": "fast"},
     "params": {
-        "lr": {"type": "float", "low": 0.02, "high": 1.0, "log": True},
-        "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-        "momentum": {"type": "float", "low": 0.8, "high": 0.95},
-        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-        "batch_size": {"type": "categorical", "choices": [64, 128, 256, 512]},
-        "epochs": {"type": "int", "low": 1, "high": 4},
-        "model": {"type": "categorical", "choices": ["fastcnn", "widecnn"]},
+        "lr": {"type": "float", "low": _FAST["lr"] / 20, "high": _FAST["lr"] * 2.5, "log": True},
+        "weight_decay": {"type": "float", "low": _FAST["weight_decay"] / 50, "high": _FAST["weight_decay"] * 20,
+                         "log": True},
+        "momentum": {"type": "float", "low": round(_FAST["momentum"] - 0.1, 6),
+                     "high": round(_FAST["momentum"] + 0.05, 6)},
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 2 * _FAST["label_smoothing"]},
+        "batch_size": {"type": "categorical", "choices": [_FAST["batch_size"] * k // 4 for k in (1, 2, 4, 8)]},
+        "epochs": {"type": "int", "low": 1, "high": 2 * _FAST["epochs"]},
+        "model": {"type": "categorical", "choices": list(FASTCNN_WIDTHS)},
         "augment": {"type": "categorical", "choices": ["none", "affine"]},
     },
 }
@@ -92,13 +93,14 @@ def check_space(space, where: str = "space") -> dict:
 
 
 def base_config(values: dict, where: str = "space") -> TrainConfig:
-    values = dict(values)
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__) - {"preset"}
-    if unknown:
-        raise UsageError(f"{where}: unknown setting {sorted(unknown)[0]!r} in base")
-    for fixed in ("seed", "split", "data_dir", "device"):
-        values.pop(fixed, None)  # the search sets these itself
-    return TrainConfig.from_preset(values.pop("preset", None), **values)
+    """The config a space's ``base`` makes (a preset's values, then the others; the seed, split, data
+    and device are the search's own)."""
+    values = {k: v for k, v in values.items() if k not in ("seed", "split", "data_dir", "device")}
+    try:
+        preset = TrainConfig.from_preset(values.pop("preset", None))
+        return TrainConfig.from_dict({**preset.to_dict(), **values})
+    except UsageError as exc:
+        raise UsageError(f"{where}: base: {exc}") from None
 
 
 def load_space(path: str | os.PathLike) -> dict:
@@ -132,7 +134,7 @@ def search(out: str | os.PathLike, trials: int, *, space: dict | None = None, st
            device: str = "auto", heartbeat: int = 30,
            on_trial: Callable[[dict], None] | None = None) -> dict:
     """Run trials until the study holds ``trials`` finished ones (completed or pruned); returns :func:`show`."""
-    if split not in SEARCH_SPLITS:
+    if split not in TUNING_SPLITS:
         raise UsageError(f"--split {split}: choosing hyperparameters on it would look at the 10,000 test images "
                          f"(its validation part holds them); searches run on --split holdout")
     if not isinstance(trials, int) or trials <= 0:
@@ -161,13 +163,16 @@ def search(out: str | os.PathLike, trials: int, *, space: dict | None = None, st
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
-        if (run_dir / SUMMARY).is_file():  # finished, but its worker died before telling
-            return read_summary(run_dir)["valid_acc"]
-        if number != trial.number and (run_dir / STATE).is_file():
-            for record in read_history(run_dir).epochs:
+        def replay(config, run_dir, history) -> None:  # a resumed run's epochs, reported again
+            for record in history.epochs:
                 trial.report(record["valid_acc"], record["epoch"])
-            return resume_run(run_dir, dataset=dataset, on_epoch=report).summary["valid_acc"]
-        return train_run(config, run_dir, force=True, dataset=dataset, on_epoch=report).summary["valid_acc"]
+
+        # a retried trial continues the dead worker's run (finished, but its worker died before
+        # telling: as it is); a new trial trains from the start
+        mode = CONTINUE if number != trial.number else START
+        result = run_training(config, run_dir, mode=mode, force=True, dataset=dataset, on_start=replay,
+                              on_epoch=report)
+        return result.summary["valid_acc"]
 
     def told(study, frozen) -> None:
         if on_trial is not None:
@@ -202,9 +207,7 @@ def show(out: str | os.PathLike, storage: str | None = None, study_name: str | N
     complete = [r for r in rows if r["state"] == "complete" and r["valid_acc"] is not None]
     best = max(complete, key=lambda r: r["valid_acc"]) if complete else None
     if best is not None:
-        config = json.loads((out / best["run_dir"] / "config.json").read_text())
-        config = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-        write_json_atomic(out / BEST, config)
+        write_json_atomic(out / BEST, read_config(out / best["run_dir"]).to_dict())
     result = {"study": study.study_name, "trials": rows, "best": best}
     write_json_atomic(out / SEARCH_TRIALS, result)
     return result

@@ -80,9 +80,8 @@ def train_queued_seeds(config: TrainConfig, seeds: list[int], out: str | os.Path
     import optuna
 
     from ..errors import TrainingDiverged
-    from ..run.checkpoint import STATE
-    from ..run.driver import resume_run
-    from ..run.rundir import SUMMARY, read_summary
+    from ..run.driver import CONTINUE, START, run_training
+    from ..run.rundir import read_summary
     from .studies import connect, counts, open_study, storage_url, system_attrs
 
     if not seeds or len(set(seeds)) != len(seeds):
@@ -103,12 +102,11 @@ def train_queued_seeds(config: TrainConfig, seeds: list[int], out: str | os.Path
         run_dir = out / f"seed-{seed}"
         trial.set_user_attr("run_dir", run_dir.name)
         epoch_hook = (lambda record: on_epoch(seed, record)) if on_epoch is not None else None
-        if (run_dir / SUMMARY).is_file():  # finished, but its worker died before telling
-            return read_summary(run_dir)["valid_acc"]
-        if (run_dir / STATE).is_file() and system_attrs(trial).get("failed_trial") is not None:
-            result = resume_run(run_dir, dataset=ds, on_epoch=epoch_hook)
-        else:
-            result = train_run(replace(config, seed=seed), run_dir, force=True, dataset=ds, on_epoch=epoch_hook)
+        # a seed taken over from a dead worker continues its run (finished, but its worker died before
+        # telling: as it is); a fresh claim trains from the start
+        taken_over = system_attrs(trial).get("failed_trial") is not None
+        result = run_training(replace(config, seed=seed), run_dir, mode=CONTINUE if taken_over else START,
+                              force=True, dataset=ds, on_epoch=epoch_hook)
         if on_run is not None:
             on_run(seed, result)
         return result.summary["valid_acc"]

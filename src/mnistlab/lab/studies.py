@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import MnistlabError, UsageError
+from ..errors import MnistlabError, UsageError, first_line
 
 SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")
 MAX_RETRY = 3  # how often a dead worker's trial is taken over
@@ -42,8 +42,7 @@ def storage_url(out: Path, url: str | None) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(getattr(exc, "orig", None) or exc)  # SQLAlchemy wraps the driver's error
 
 
 @contextmanager

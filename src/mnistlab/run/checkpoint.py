@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from ..errors import RunError
+from ..errors import RunError, first_line
 from ..files import write_bytes_atomic, write_json_atomic
 
 WEIGHTS = "model.safetensors"
@@ -61,7 +61,7 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise RunError(f"{directory}: no {WEIGHTS}; not a finished run directory") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise RunError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
+        raise RunError(f"{path}: cannot load the weights ({first_line(exc)})") from None
 
 
 def write_state(directory: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -80,7 +80,7 @@ def read_state(directory: str | os.PathLike, arrays: bool = True) -> tuple[dict,
     except FileNotFoundError:
         raise RunError(f"{directory}: no {STATE}; no epoch finished, nothing to resume") from None
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
+        raise RunError(f"{path}: unreadable checkpoint ({first_line(exc)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("epochs"), list):
         raise RunError(f"{path}: unreadable checkpoint (no per-epoch metrics)")
     return meta, tensors
@@ -90,8 +90,3 @@ def prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray
     """The arrays whose names start with ``prefix + '.'``, without it."""
     cut = len(prefix) + 1
     return {k[cut:]: v for k, v in arrays.items() if k.startswith(prefix + ".")}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import config
+
 
 def affine_theta(angle: torch.Tensor, zoom: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """``affine_grid``'s (B, 2, 3) matrices for 28x28 images: rotation by ``angle`` (radians),
@@ -37,9 +39,9 @@ def affine_theta(angle: torch.Tensor, zoom: torch.Tensor, dx: torch.Tensor, dy: 
 class Augment:
     """Ranges of the random maps; each drawn uniformly per image."""
 
-    shift: float = 2.0  # pixels, in x and in y independently: [-shift, shift]
-    rotate: float = 10.0  # degrees: [-rotate, rotate]
-    scale: float = 0.1  # relative: [1 - scale, 1 + scale]
+    shift: float  # pixels, in x and in y independently: [-shift, shift]
+    rotate: float  # degrees: [-rotate, rotate]
+    scale: float  # relative: [1 - scale, 1 + scale]
     elastic: float = 0.0  # pixels: displacement at each control point, in x and y, in [-elastic, elastic]
     # (between the control points the bicubic interpolation can overshoot that range by up to 56%)
     control: int = 4  # control points per side of the elastic displacement field
@@ -63,4 +65,5 @@ class Augment:
         return F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-AUGMENTS = {"none": None, "affine": Augment(), "elastic": Augment(elastic=1.5, control=4)}
+# mnistlab.config.AUGMENTS's ranges, as maps
+AUGMENTS = {name: Augment(**ranges) if ranges else None for name, ranges in config.AUGMENTS.items()}

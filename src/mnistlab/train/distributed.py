@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 
-from ..errors import MnistlabError, UsageError
+from ..errors import MnistlabError, UsageError, first_line
 
 ARGV = "MNISTLAB_JOB_ARGV"  # the command each process of a job runs, as JSON
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a silent process before the job ends
@@ -90,27 +90,26 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
-    """Run ``mnistlab ARGV`` in ``nproc`` processes through torchrun's standalone mode; the exit status.
+def launch(argv: list[str], nproc: int, max_restarts: int) -> None:
+    """Run ``mnistlab ARGV`` in ``nproc`` processes through torchrun's standalone mode, until it ends.
 
-    The processes' standard output (rank 0's lines) passes through; torchrun's own report of a
-    failure is replaced by the failing process's one line, or a line saying which process died."""
+    The processes' standard output (rank 0's lines) passes through. A failure raises one line: the
+    failing process's own, or one saying which process died (torchrun's report is left out)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "--shutdown-timeout=5", "-m", "mnistlab"]
     # The command's arguments travel in the environment: torchrun would take some of them for its own.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), ARGV: json.dumps(argv)}
     done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, env=env)
     if done.returncode == 0:
-        return 0
-    ours = [line for line in done.stderr.splitlines() if line.startswith("mnistlab ")]
-    if ours:
-        print(ours[0], file=sys.stderr)
-        return 1
+        return
+    for line in done.stderr.splitlines():  # a process's own one-line error: "mnistlab COMMAND: error: ..."
+        own = re.match(r"mnistlab \S+: (?:error: )?(.*)", line)
+        if own:
+            raise MnistlabError(own.group(1))
     died = [line.strip() for line in done.stderr.splitlines() if "exitcode" in line or "Signal" in line]
     what = died[0] if died else f"torchrun exited with status {done.returncode}"
-    print(f"mnistlab train: error: a training process failed ({what}); every complete epoch is saved: "
-          f"resume with mnistlab train --resume RUN_DIR", file=sys.stderr)
-    return 1
+    raise MnistlabError(f"a training process failed ({what}); every complete epoch is saved: resume with "
+                        f"mnistlab train --resume RUN_DIR")
 
 
 def job_argv() -> list[str] | None:
@@ -172,7 +171,7 @@ def failed(exc: BaseException) -> MnistlabError:
     """A collective that failed (a process died, or stayed silent past the timeout), as the one line
     the job ends with."""
     text = re.sub(r"\[[^\]]*\]:?\s*", "", str(exc)).strip()  # gloo's source paths and addresses
-    first = text.splitlines()[0][:100] if text else type(exc).__name__
+    first = first_line(text or exc, limit=100)
     if "reset by peer" in text or "closed" in text.lower() or "broken pipe" in text.lower():
         what = "another training process died"
     else:

@@ -1,8 +1,8 @@
-"""The ``fastpath`` engine: FastCNN models on the CPU in the compiled kernels and NumPy, no autograd.
+"""The ``kernels`` engine: FastCNN models on the CPU in the compiled kernels and NumPy, no autograd.
 
 Importing PyTorch takes 1.7 to 2.5 seconds on a 2-core machine, a quarter of the fast preset's
 whole command: without augmentation this engine never imports it. The recipe is step for step
-the PyTorch engine's (:mod:`mnistlab.kernels.fastcnn` has the arithmetic); the differences are
+the autograd engine's (:mod:`mnistlab.kernels.fastcnn` has the arithmetic); the differences are
 the random numbers: weights are initialised (with PyTorch's default distributions) and batches
 shuffled from NumPy's generator seeded with the run's seed, and augmentation (the same maps as
 :mod:`.augment`, done by PyTorch) draws from a ``torch.Generator`` of the engine's own, seeded
@@ -19,9 +19,8 @@ from ..config import FASTCNN_WIDTHS, TrainConfig
 from ..data.shift import TTA_SHIFTS, shift_images
 from ..kernels import fastcnn
 from ..metrics import log_softmax
-from ..run.checkpoint import prefixed
 from .allocator import keep_freed_memory
-from .engine import KERNELS
+from .engine import KERNELS, prefixed
 from .schedule import learning_rate
 
 
@@ -77,7 +76,10 @@ class KernelEngine:
 
     def validate(self, keep_proba: bool) -> dict:
         with np.errstate(all="ignore"):
-            return fastcnn.evaluate(self._scored(), self.x_valid, self.y_valid, 2 * self.config.batch_size)
+            result = fastcnn.evaluate(self._scored(), self.x_valid, self.y_valid, 2 * self.config.batch_size)
+        if not keep_proba:
+            del result["proba"]
+        return result
 
     def end_training(self) -> None:
         if self.average is not None:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..config import History, TrainConfig
 from ..errors import TrainingDiverged, UsageError
-from .engine import Engine, resolve_device
+from .device import resolve_device
+from .engine import Engine
 
 COLLAPSED = 1e-6  # largest range of any output over the validation images below which they count as constant
 
@@ -61,7 +62,7 @@ def fit(model, x_train, y_train, x_valid, y_valid, config: TrainConfig | None = 
         on_epoch: Callable[[dict], None] | None = None, **overrides) -> History:
     """Train ``model`` (a ``torch.nn.Module``) with SGD as the seed does; returns the per-epoch :class:`History`.
 
-    The PyTorch engine trains the model you pass, in place. Shuffling draws from torch's global
+    The autograd engine trains the model you pass, in place. Shuffling draws from torch's global
     random generator exactly as the seed's DataLoaders do: call ``torch.manual_seed(s)`` before
     building the model for a repeatable run that sees the same batches as the seed's code seeded
     with ``s``. ``x`` may be NumPy or torch, float pixels in [0, 1) or uint8 (divided by 256 per
@@ -69,13 +70,13 @@ def fit(model, x_train, y_train, x_valid, y_valid, config: TrainConfig | None = 
     ``on_batch(batch, n_batches, loss)`` and ``on_epoch(record)`` let a caller show progress.
     With ``config.ema`` the model ends holding the weight average, which was validated.
     """
-    from .torch_engine import TorchEngine
+    from .autograd_engine import AutogradEngine
 
     if config is None:
-        config = TrainConfig(**overrides)
+        config = TrainConfig.from_dict(overrides)
     elif overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
-    engine = TorchEngine(model, config, resolve_device(config.device))
+    engine = AutogradEngine(model, config, resolve_device(config.device))
     history = History()
     history.valid_proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch,
                                        on_epoch)

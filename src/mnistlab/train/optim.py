@@ -1,4 +1,4 @@
-"""SGD and learning-rate schedules.
+"""SGD, and the exponential moving average of the weights.
 
 :class:`SGD` performs exactly the update of ``torch.optim.SGD`` (momentum with dampening 0,
 optional Nesterov momentum and weight decay) and reads and writes the same ``state_dict``
@@ -10,8 +10,6 @@ training run spends in its first epoch's first half.
 from __future__ import annotations
 
 import torch
-
-from .schedule import SCHEDULES, learning_rate  # noqa: F401 (re-exported)
 
 
 class SGD:

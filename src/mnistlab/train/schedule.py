@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "onecycle")
+from ..config import SCHEDULES
 
 
 def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: float = 0.25) -> float:

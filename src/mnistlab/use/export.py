@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..models import load_model
+from ..run.trained import load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 

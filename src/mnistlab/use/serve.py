@@ -36,7 +36,7 @@ class _BadRequest(Exception):
 
 def _pixels_from_json(body) -> np.ndarray:
     """JSON ``{"pixels": ...}``: 784 values or 28 rows of 28, the ink bright, by the rule of
-    :func:`mnistlab.prepare.as_pixels`: whole numbers (``0``, ``255``) are grayscale bytes 0..255;
+    :func:`mnistlab.use.prepare.as_pixels`: whole numbers (``0``, ``255``) are grayscale bytes 0..255;
     if any value has a fraction or decimal point (``0.5``, ``1.0``), all are MNIST-style fractions
     in [0, 1] (byte / 256, what ``load_mnist()`` and ``Classifier.predict`` take)."""
     if not isinstance(body, dict) or "pixels" not in body:

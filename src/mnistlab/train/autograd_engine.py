@@ -1,4 +1,4 @@
-"""The ``pytorch`` engine: the seed's training loop, with its gaps filled the way its text says.
+"""The ``autograd`` engine: the seed's training loop, with its gaps filled the way its text says.
 
 Each epoch: reshuffle, ``model.train()``, then per batch forward, cross-entropy, backward,
 ``opt.step()``, ``opt.zero_grad()``; then ``model.eval()`` and the validation loss averaged
@@ -22,15 +22,14 @@ from torch import nn
 from .. import metrics
 from ..config import TrainConfig
 from ..evaluation import as_tensor, evaluate, logits, predict_proba, prepare
-from ..kernels.autograd import fast_supported, forward_for
-from ..kernels.build import available
+from ..kernels.autograd import forward_for, kernel_of, kernels_apply
+from ..kernels.calls import FASTCNN
 from ..metrics import log_softmax, output_spread
 from ..models import count_parameters, create_model
-from ..run.checkpoint import prefixed
 from . import distributed
 from .allocator import keep_freed_memory
 from .augment import AUGMENTS
-from .engine import PYTORCH
+from .engine import AUTOGRAD, prefixed
 from .optim import SGD, WeightAverage
 from .schedule import learning_rate
 
@@ -54,10 +53,10 @@ def _arrays(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, np.ndarr
     return {f"{prefix}.{k}": v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}
 
 
-class TorchEngine:
+class AutogradEngine:
     """Trains ``model`` (any ``nn.Module`` taking (B, 784) pixels in [0, 1)) on ``device``."""
 
-    name = PYTORCH
+    name = AUTOGRAD
 
     def __init__(self, model: nn.Module, config: TrainConfig, device: str):
         self.model, self.config, self.device = model, config, device
@@ -70,7 +69,7 @@ class TorchEngine:
             # oneDNN runs these convolutions 1.25-1.33x faster channels-last, and a step's buffers are
             # reused instead of page-faulted in afresh (benchmarks/bench_choices.py). The compiled
             # kernels take FastCNN's weights as they are (contiguous).
-            if not (fast_supported(model) and available()):
+            if not (kernel_of(model) == FASTCNN and kernels_apply(model)):
                 model.to(memory_format=torch.channels_last)
                 if self.average is not None:
                     self.average.model.to(memory_format=torch.channels_last)
@@ -80,11 +79,11 @@ class TorchEngine:
         self.group = distributed.active()  # several processes: torchrun started this one
 
     @classmethod
-    def create(cls, config: TrainConfig, num_classes: int, device: str) -> TorchEngine:
+    def create(cls, config: TrainConfig, num_classes: int, device: str) -> AutogradEngine:
         """A registry model built right after ``torch.manual_seed(config.seed)``, as the seed's code does."""
         torch.manual_seed(config.seed)
         model = create_model(config.model, num_classes=num_classes)
-        if config.sync_bn:  # on CUDA (mnistlab.train.engine.check_processes)
+        if config.sync_bn:  # on CUDA (mnistlab.train.choose.check_processes)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return cls(model, config, device)
 

@@ -1,0 +1,52 @@
+"""The one rule that chooses an engine for a run, and an engine made for it.
+
+``kernels`` for a FastCNN model (``fastcnn``, ``widecnn``) where the compiled kernels compute it
+(:func:`mnistlab.kernels.calls.applies`: the CPU, the library available), ``autograd`` otherwise.
+``summary.json`` and the checkpoint record the engine; a resumed run continues on the one that
+started it.
+"""
+
+from __future__ import annotations
+
+from ..config import FASTCNN_WIDTHS, TrainConfig
+from ..errors import RunError, UsageError
+from ..kernels.calls import FASTCNN, applies
+from .engine import AUTOGRAD, ENGINES, FORMER_NAMES, KERNELS, Engine
+
+
+def choose_engine(config: TrainConfig, device: str) -> str:
+    """The rule: ``kernels`` for a FastCNN model where the compiled kernels compute it, else ``autograd``."""
+    fits = config.model in FASTCNN_WIDTHS and applies(FASTCNN, device, widths=FASTCNN_WIDTHS[config.model])
+    return KERNELS if fits else AUTOGRAD
+
+
+def check_processes(config: TrainConfig, device: str, name: str | None = None) -> None:
+    """Refuse, in one line, a multi-process setting the engine (``name``, default by the rule) cannot train."""
+    if config.nproc > 1 and (name or choose_engine(config, device)) == KERNELS:
+        raise UsageError(f"the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU) trains in one process; "
+                         f"leave out --nproc, or train them with autograd (MNISTLAB_NATIVE=0, or CUDA)")
+    if config.sync_bn and device != "cuda":
+        raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
+                         "statistics (leave out --sync-bn)")
+
+
+def create_engine(config: TrainConfig, num_classes: int, device: str, name: str | None = None) -> Engine:
+    """A fresh engine for ``config`` (``name``: the one a checkpoint names; default :func:`choose_engine`)."""
+    name = FORMER_NAMES.get(name, name) or choose_engine(config, device)
+    if name not in ENGINES:
+        raise RunError(f"unknown engine {name!r}; this version has {', '.join(ENGINES)}")
+    check_processes(config, device, name)
+    if name == KERNELS:
+        if choose_engine(config, device) != KERNELS:
+            from ..kernels.build import why_unavailable
+
+            why = why_unavailable()
+            raise RunError(f"the {KERNELS} engine trains {', '.join(FASTCNN_WIDTHS)} on the CPU with the compiled "
+                           f"kernels; here: model {config.model}, device {device}"
+                           + (f", kernels unavailable: {why}" if why else ""))
+        from .kernel_engine import KernelEngine
+
+        return KernelEngine(config, num_classes)
+    from .autograd_engine import AutogradEngine
+
+    return AutogradEngine.create(config, num_classes, device)
