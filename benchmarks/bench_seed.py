@@ -42,7 +42,8 @@ def run_ours(epochs: int, seed: int) -> dict:
         wall, _ = _timed([sys.executable, "-m", "mnistlab", "train", "--model", "cnn", "--epochs", str(epochs),
                           "--seed", str(seed), "--device", "cpu", "--out", str(out)])
         summary = json.loads((out / "summary.json").read_text())
-    train_seconds = sum(json.loads(line)["train_seconds"] for line in (out / "metrics.jsonl").read_text().splitlines())
+        epochs = (out / "metrics.jsonl").read_text().splitlines()
+    train_seconds = sum(json.loads(line)["train_seconds"] for line in epochs)
     return {"recipe": "mnistlab train --model cnn", "train_seconds": train_seconds, "valid_acc": summary["valid_acc"],
             "wall_seconds": wall}
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks in one script: the CUDA tests, `mnistlab bench --device cuda` and the fast recipe's
-# choices (benchmarks/bench_gpu.py), with logs and tables written into OUTDIR. For a machine whose
+# The GPU checks in one script: the CUDA tests, `mnistlab bench --device cuda`, the fast recipe's
+# choices (benchmarks/bench_gpu.py) and the cost of determinism (benchmarks/bench_determinism.py),
+# with logs and tables written into OUTDIR; each step under its own timeout, 8.5 minutes at most in all. For a machine whose
 # python3 already has a CUDA PyTorch: the project runs from its source folder (PYTHONPATH=src), and
 # the packages that machine lacks come from .whl/ (fetch them here first: benchmarks/gpu_wheels.sh,
-# then carry .whl). About 5-8 minutes on one H100/H200.
+# then carry .whl).
 # Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,10 @@ export MNISTLAB_CACHE=/tmp/mnistlab-cache
   python3 -c "import mnistlab, time; t = time.perf_counter(); import torch; print(f'torch import {time.perf_counter() - t:.2f} s'); t = time.perf_counter(); torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print(f'CUDA start-up {time.perf_counter() - t:.2f} s')"
 } 2>&1 | tee "$OUT/env.txt"
 status=0
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -s 2>&1 | tee "$OUT/cuda-tests.log" || status=1
-timeout 240 python3 -m mnistlab bench --device cuda --out "$OUT/bench-cuda.md" 2>&1 | tee "$OUT/bench.log" || status=1
-timeout 180 python3 benchmarks/bench_gpu.py --device cuda --seeds 0,1,2 --out "$OUT/gpu-choices.md" 2>&1 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -s 2>&1 | tee "$OUT/cuda-tests.log" || status=1
+timeout 150 python3 -m mnistlab bench --device cuda --out "$OUT/bench-cuda.md" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout 90 python3 benchmarks/bench_gpu.py --device cuda --seeds 0,1,2 --out "$OUT/gpu-choices.md" 2>&1 \
   | tee "$OUT/gpu-choices.log" || status=1
+timeout 60 python3 benchmarks/bench_determinism.py --device cuda --seeds 0,1,2 2>&1 \
+  | tee "$OUT/determinism.log" || status=1
 exit $status

@@ -18,6 +18,18 @@ def _cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test but the ``cuda``-marked ones (tests/test_cuda.py) expects the CPU's behaviour (the
+    kernel engine, its bit-identical weights); on a machine with a GPU, ``--device auto`` would train
+    there. Such tests run on the CPU, in this process and in those they start."""
+    if request.node.get_closest_marker("cuda") is None:
+        from mnistlab.train import device
+
+        monkeypatch.setattr(device, "gpu_visible", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def mnist():
     return load_dataset()

@@ -1,6 +1,9 @@
 """`mnistlab bench`: its arithmetic and plumbing on tiny runs (the timings themselves are benchmarks)."""
 
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +102,13 @@ def test_bench_bad_options_are_one_line(tmp_path, capsys):
 def test_a_failing_recipe_process_is_a_one_line_run_error(tmp_path):
     with pytest.raises(RunError, match=r"failed \(exit status 1\): boom"):
         bench._run([sys.executable, "-c", "import sys; sys.exit('boom')"], tmp_path / "log")
+
+
+def test_the_seed_benchmark_script_runs_both_sides():
+    """benchmarks/bench_seed.py (``make bench``): the seed's code and ours, one epoch each, side by side."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_seed.py"
+    done = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 2 and "seed code as written" in rows[0] and "mnistlab train" in rows[1], done.stdout
+    assert re.search(r"speed-up \(seed / mnistlab\): training \d+\.\d\dx", done.stdout), done.stdout

@@ -218,3 +218,21 @@ def test_former_engine_names_resume_on_the_engines_they_name(small_dir):
     assert choose.create_engine(config, 10, "cpu", name="pytorch").name == engine.AUTOGRAD
     with pytest.raises(MnistlabError, match="unknown engine 'jax'"):
         choose.create_engine(config, 10, "cpu", name="jax")
+
+
+def test_determinism_is_recorded_and_set_before_cuda_starts(tmp_path, small_dir):
+    """``--nondeterministic`` is a setting of the run (kept by --resume); the switches it turns are set
+    in a fresh process as the driver sets them on CUDA (the CPU's arithmetic is never touched)."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", "linear", "--epochs", "1", "--nondeterministic", "--data-dir", str(small_dir),
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["deterministic"] is False
+    assert TrainConfig().deterministic is True
+    code = ("import os, torch; from mnistlab.train.device import set_deterministic; "
+            "print(torch.are_deterministic_algorithms_enabled()); set_deterministic(True); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, "
+            "torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'], "
+            "torch.utils.deterministic.fill_uninitialized_memory); set_deterministic(False); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True", "True", "False", ":4096:8", "False", "False", "True"], done.stderr

@@ -175,6 +175,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, choices=list(DEVICES),
                    help=f"auto: the GPU where the machine shows one and PyTorch can use it, else the CPU "
                         f"(default: {default('device')})")
+    p.add_argument("--nondeterministic", dest="deterministic", action="store_const", const=False, default=None,
+                   help="on CUDA: let cuDNN pick its fastest kernels, whose sums are not repeatable (default: "
+                        "deterministic algorithms, a seed's weights bit-identical; docs/gpu.md gives the cost)")
     p.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                    help="train this run in N processes on this machine (data-parallel, through torchrun; gloo on "
                         f"the CPU, NCCL on GPUs); --batch-size stays the global batch (default: {default('nproc')})")

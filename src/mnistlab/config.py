@@ -71,6 +71,7 @@ class TrainConfig:
     split: str = "seed"  # "seed": 50,000 / 20,000; "standard": 60,000 / 10,000 (test); "holdout": 50,000 / 10,000
     data_dir: str | None = None  # a folder of four MNIST-format IDX files (made absolute); None: the shipped MNIST
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    deterministic: bool = True  # on CUDA: repeatable arithmetic (a seed's weights bit-identical, resumes exact)
     nesterov: bool = False  # Nesterov momentum
     weight_decay: float = 0.0  # L2 penalty added to the gradients (as torch.optim.SGD's weight_decay)
     schedule: str = "constant"  # learning rate per step: "constant" (the seed) or "onecycle"
@@ -148,7 +149,7 @@ class TrainConfig:
         if isinstance(self.subsample, bool) or not isinstance(self.subsample, (int, float)) \
                 or not 0 < self.subsample <= 1:
             raise UsageError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
-        for name in ("tta", "sync_bn"):
+        for name in ("tta", "sync_bn", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:

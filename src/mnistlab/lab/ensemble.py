@@ -68,8 +68,8 @@ def _proba(run_dir, x_valid, tta: bool, like: np.ndarray | None) -> np.ndarray:
 
 
 # Config fields that do not make runs different recipes in :func:`mixes`: the seed, where they
-# ran, and which preset the values came from.
-NOT_RECIPE = ("seed", "device", "preset")
+# ran and how repeatably, and which preset the values came from.
+NOT_RECIPE = ("seed", "device", "preset", "deterministic")
 
 
 def recipe_names(configs) -> list[str]:

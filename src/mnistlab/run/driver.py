@@ -24,7 +24,7 @@ from ..errors import RunError, UsageError
 from ..files import write_json_atomic
 from ..train import distributed
 from ..train.choose import check_processes, create_engine
-from ..train.device import resolve_device
+from ..train.device import resolve_device, set_deterministic
 from ..train.engine import AUTOGRAD, Engine
 from ..train.loop import train_epochs
 from . import checkpoint
@@ -123,6 +123,8 @@ def run_training(config: TrainConfig | None, run_dir: str | os.PathLike | None =
         raise UsageError(f"mode {mode!r} needs a config")
     device = resolve_device(config.device)
     check_processes(config, device)
+    if device == "cuda":
+        set_deterministic(config.deterministic)
     if config.nproc > 1 and not distributed.launched():
         if job is None:
             raise UsageError(f"nproc {config.nproc}: several processes train through torchrun; start this under "

@@ -23,6 +23,25 @@ def gpu_visible() -> bool:
     return any(os.path.exists(p) for p in GPU_FILES) or bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
+def set_deterministic(on: bool) -> None:
+    """CUDA's arithmetic repeatable (``on``: a seed gives bit-identical weights, a resumed run ends
+    as an uninterrupted one) or as fast as cuDNN's autotuner makes it. Called by the run driver
+    before the run's first CUDA work: cuBLAS reads its workspace setting when it starts.
+
+    Operations without a deterministic CUDA kernel warn instead of failing; PyTorch's filling of new
+    memory with NaN (a debugging aid of deterministic mode) stays off: every buffer here is written
+    before it is read, and the filling costs time on every allocation.
+    """
+    import torch
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
 def resolve_device(name: str = "auto") -> str:
     """``"cpu"`` or ``"cuda"`` for a configured device name (see the module's rule)."""
     check_device(name)
