@@ -294,7 +294,7 @@ def test_mixes_score_every_subset_as_ensemble_does(tmp_path, small_dir):
     from mnistlab.lab.ensemble import mixes
 
     lin, cnn = tmp_path / "lin", tmp_path / "cnn"
-    base = ["train", "--epochs", "1", "--data-dir", str(small_dir), "--seeds", "0,1"]
+    base = ["train", "--epochs", "1", "--data-dir", str(small_dir), "--seeds", "0,1", "--split", "holdout"]
     assert main([*base, "--model", "linear", "--out", str(lin)]) == 0
     assert main([*base, "--model", "cnn", "--out", str(cnn)]) == 0
     runs = {"lin": [lin / "seed-0", lin / "seed-1"], "cnn": [cnn / "seed-0", cnn / "seed-1"]}
@@ -324,13 +324,21 @@ def test_recipes_are_every_setting_but_the_seed():
     assert names[3] == "deskewcnn, 15 epochs, augment none, subsample 0.9"
 
 
-@pytest.mark.parametrize("args, message", [(["--size", "0", "x"], "size must be a positive integer, got 0"),
-                                           (["nowhere"], "run directory not found")])
-def test_the_mix_script_says_what_is_wrong_in_one_line(args, message):
-    import subprocess
-    import sys
-
-    script = Path(__file__).parents[1] / "benchmarks" / "ensemble_mix.py"
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
-    assert done.returncode in (1, 2) and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+def test_choosing_a_mix_is_a_command_refused_on_test_images(tmp_path, small_dir, capsys):
+    holdout, seed_split = tmp_path / "holdout", tmp_path / "seed"
+    base = ["train", "--model", "linear", "--epochs", "1", "--data-dir", str(small_dir), "--seeds", "0,1,2"]
+    assert main([*base, "--split", "holdout", "--out", str(holdout)]) == 0
+    assert main([*base, "--lr", "0.05", "--split", "holdout", "--out", str(holdout / "slow")]) == 0
+    assert main([*base, "--out", str(seed_split)]) == 0
+    runs = [str(holdout / f"seed-{s}") for s in range(3)] + [str(holdout / "slow" / "seed-0")]
+    capsys.readouterr()
+    assert main(["ensemble", "--choose", "--size", "2", *runs]) == 0
+    out = capsys.readouterr().out
+    assert "recipe A: linear, 1 epochs, augment none, lr 0.05" in out and "recipe B: linear, 1 epochs, augment " \
+        "none, lr 0.5" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 4 and "| 2 | 1A + 1B |" in out and "| 1 | 1B |" in out  # 1A, 1B, 2B, 1A + 1B
+    assert "best mean:" in out
+    assert main(["ensemble", "--choose", *[str(seed_split / f"seed-{s}") for s in range(2)]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would look at the test images" in err and "--split holdout" in err

@@ -75,6 +75,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
+    from .run.batch import is_batch
     from .run.driver import RESUME, START, Job, run_training
     from .train.distributed import launched
 
@@ -84,6 +85,10 @@ def cmd_train(args) -> int:
         return _train_seeds(args)
     if args.resume is not None and args.out is not None:
         raise UsageError("--resume continues the run in place; leave out --out")
+    if args.batched:
+        raise UsageError("--batched trains the seeds of --seeds together; give --seeds too")
+    if args.resume is not None and is_batch(args.resume):
+        return _resume_batch(args)
     config = _train_config(args) if args.resume is None else None
     started = {}
 
@@ -115,7 +120,7 @@ def cmd_train(args) -> int:
 
 
 def _train_seeds(args) -> int:
-    from .lab.seeds import format_spread, train_queued_seeds, train_seeds
+    from .lab.seeds import train_queued_seeds, train_seeds
     from .run.rundir import default_run_dir
 
     if args.resume is not None or args.seed is not None:
@@ -127,21 +132,53 @@ def _train_seeds(args) -> int:
     queued = f" queued in {args.storage}" if args.storage is not None else ""
     print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}{queued}: {describe_recipe(config)}; "
           f"runs in {out}", flush=True)
+    if args.batched and args.storage is not None:
+        raise UsageError("--batched trains the seeds together in this process; leave out --storage")
     hooks = _seed_hooks(config)
     try:
         if args.storage is not None:
             summary = train_queued_seeds(config, list(args.seeds), out, args.storage, args.study, **hooks)
         else:
-            summary = train_seeds(config, list(args.seeds), out, force=args.force, **hooks)
+            summary = train_seeds(config, list(args.seeds), out, force=args.force, batched=args.batched,
+                                  **hooks, **(_stop_hook() if args.batched else {}))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished seeds are in {out}; resume the interrupted one with "
-              f"mnistlab train --resume {out}/seed-S", file=sys.stderr)
+        again = f"the batch with mnistlab train --resume {out}" if args.batched else \
+            f"the interrupted one with mnistlab train --resume {out}/seed-S"
+        print(f"\ninterrupted; finished seeds are in {out}; resume {again}", file=sys.stderr)
         return 130
+    return _print_seeds(summary, out)
+
+
+def _resume_batch(args) -> int:
+    from .lab.seeds import resume_batch
+
+    print(f"resuming the batch in {args.resume}", flush=True)
+    try:
+        summary = resume_batch(args.resume, **_seed_hooks(None), **_stop_hook())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with mnistlab train --resume {args.resume}", file=sys.stderr)
+        return 130
+    return _print_seeds(summary, Path(args.resume))
+
+
+def _print_seeds(summary: dict | None, out: Path) -> int:
+    from .lab.seeds import format_spread
+
     if summary is None:
         print("no seed left to claim; the others are still training elsewhere")
+    elif summary["valid_acc"] is None:
+        print(f"every seed stopped early; see {out / 'seeds.json'}")
+        return 1
     else:
         print(f"valid_acc {format_spread(summary['valid_acc'])}; written to {out / 'seeds.json'}")
     return 0
+
+
+def _stop_hook() -> dict:
+    def on_stop(seed: int, message: str) -> None:
+        print(f"seed {seed} stopped: {message}; the other seeds go on", flush=True)
+
+    return {"on_stop": on_stop}
 
 
 def _seed_hooks(config) -> dict:
@@ -153,7 +190,8 @@ def _seed_hooks(config) -> dict:
               f"trained in {s['train_seconds']:.1f}s -> {result.run_dir}", flush=True)
 
     def on_epoch(seed: int, r: dict) -> None:
-        print(f"seed {seed} {epoch_line(r, config.epochs)}", flush=True)
+        epochs = config.epochs if config is not None else "?"
+        print(f"seed {seed} {epoch_line(r, epochs)}", flush=True)
 
     return {"on_run": on_run, "on_epoch": on_epoch}
 
@@ -199,6 +237,8 @@ def cmd_ensemble(args) -> int:
     from .lab.ensemble import ensemble
     from .lab.seeds import format_spread
 
+    if args.choose:
+        return _choose_mix(args)
     result = ensemble(args.run_dirs, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -215,6 +255,28 @@ def cmd_ensemble(args) -> int:
           f"{100 * result['gain_over_best']:+.2f} over the best member")
     print(f"images wrong in k of the {n} runs (k: images): {counts}; right in at least one run: "
           f"{100 * result['oracle_acc']:.2f}%")
+    return 0
+
+
+def _choose_mix(args) -> int:
+    from .lab.ensemble import mixes
+
+    names, rows = mixes(args.run_dirs, size=args.size, tta=args.tta)
+    if args.json:
+        print(json.dumps({"recipes": names, "mixes": rows}, indent=2))
+        return 0
+    print(f"{len(args.run_dirs)} runs, {len(names)} recipes ({'with' if args.tta else 'without'} --tta):")
+    for i, name in enumerate(names):
+        print(f"  recipe {chr(65 + i)}: {name}")
+    print("| members | mix | mean accuracy | min – max | subsets |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        mix = " + ".join(f"{k}{chr(65 + i)}" for i, k in enumerate(r["counts"]) if k)
+        print(f"| {r['members']} | {mix} | {100 * r['mean']:.3f}% | {100 * r['min']:.2f} – {100 * r['max']:.2f}% "
+              f"| {r['subsets']} |")
+    best = max(rows, key=lambda r: (r["mean"], -r["members"]))
+    mix = ", ".join(f"{k} x {names[i]}" for i, k in enumerate(best["counts"]) if k)
+    print(f"best mean: {mix} ({100 * best['mean']:.3f}% over {best['subsets']} choices of runs)")
     return 0
 
 

@@ -154,6 +154,10 @@ def _add_train(sub) -> None:
                         f"{default('subsample'):g}, all)")
     p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...|A-B",
                    help="train once per seed into OUT/seed-S and report mean ± std of the accuracy")
+    p.add_argument("--batched", action="store_true",
+                   help="with --seeds (fastcnn, widecnn): train every seed at once in this process as one wider "
+                        "network (grouped convolutions), each seed still its own run with its own random numbers; "
+                        "--resume OUT continues the batch (default: one seed after another)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="with --seeds: queue the seeds in this Optuna storage (sqlite:///PATH or "
                         "postgresql://USER@HOST/DB); every process started with the same command trains the next "
@@ -294,6 +298,11 @@ def _add_ensemble(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: each run's probabilities averaged over the image and its 8 "
                         "one-pixel shifts first")
+    p.add_argument("--choose", action="store_true",
+                   help="choose a mix instead: every subset of the runs of up to --size members scored, grouped by "
+                        "how many members each recipe gives; runs of --split holdout only (the others' validation "
+                        "parts hold the test images)")
+    p.add_argument("--size", type=positive_int, default=5, help="with --choose: the largest ensemble (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

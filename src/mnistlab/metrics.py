@@ -69,3 +69,15 @@ def output_spread(z: np.ndarray) -> float:
     """How much the outputs ``z`` (n, C) vary from image to image: the largest range of any class's
     value over the rows. 0 when every image gets the same outputs (a collapsed network)."""
     return float((z.max(axis=0) - z.min(axis=0)).max()) if len(z) > 1 else float("nan")
+
+
+def score_logits(z: np.ndarray, labels, batch_size: int = 128) -> dict:
+    """The seed's validation figures from outputs ``z`` (N, C): ``loss`` (each batch of ``batch_size``
+    rows' mean cross-entropy, averaged over batches: :func:`batch_mean`), ``acc``, ``proba`` (N, C)
+    and ``spread`` (:func:`output_spread`)."""
+    labels = np.asarray(labels, np.int64)
+    logp = log_softmax(z)
+    per_row = -logp[np.arange(len(labels)), labels].astype(np.float64)
+    return {"loss": batch_mean(per_row, batch_size),
+            "acc": float((z.argmax(axis=1) == labels).mean()) if len(labels) else float("nan"),
+            "proba": np.exp(logp), "spread": output_spread(z)}

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..metrics import batch_mean, log_softmax, output_spread
+from ..metrics import score_logits
 from . import calls
 
 PARAMS = ("features.0.weight", "features.1.weight", "features.1.bias", "features.3.weight", "features.4.weight",
@@ -114,13 +114,7 @@ def evaluate(state: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 128) -
     """:func:`mnistlab.evaluate`'s numbers in evaluation mode: ``loss`` (the mean over batches of
     ``batch_size`` rows of each batch's mean cross-entropy, as the seed computes it), ``acc``,
     ``proba``, the class probabilities (n, C) float32, and ``spread`` (:func:`output_spread`)."""
-    z = logits(state, x)
-    y = np.asarray(y, np.int64)
-    logp = log_softmax(z)
-    per_row = -logp[np.arange(len(y)), y].astype(np.float64)
-    return {"loss": batch_mean(per_row, batch_size),
-            "acc": float((z.argmax(axis=1) == y).mean()) if len(y) else float("nan"), "proba": np.exp(logp),
-            "spread": output_spread(z)}
+    return score_logits(logits(state, x), y, batch_size)
 
 
 class FastCNNStep:

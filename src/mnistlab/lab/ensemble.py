@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..data.mnist import Dataset, load_dataset
+from ..data.mnist import TUNING_SPLITS, Dataset, load_dataset
 from ..errors import RunError, UsageError
 from ..evaluation import predict_proba
 from ..run.rundir import load_split, read_config
@@ -95,11 +95,14 @@ def recipe_names(configs) -> list[str]:
 
 
 def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | None = None,
-          tta: bool = False) -> tuple[list[str], list[dict]]:
+          tta: bool = False, tuning_only: bool = True) -> tuple[list[str], list[dict]]:
     """Which mix of recipes makes the best ensemble: every subset of the runs of at most ``size``
     members, scored as :func:`ensemble` scores it, grouped by mix.
 
     Runs are grouped by recipe (:func:`recipe_names`); a mix gives each recipe a count of members.
+    The runs must share a validation part; to choose, one that holds no test image (``--split
+    holdout``). ``tuning_only=False`` scores runs of the other splits too: a report of a mix
+    already chosen, never a choice.
     Returns the recipes (sorted) and one row per mix: ``counts`` (per recipe, in that order),
     ``members``, and over the subsets of the runs with that mix, ``mean`` / ``min`` / ``max``
     accuracy and their number ``subsets``; rows sorted by members, then best mean first. Each
@@ -108,6 +111,10 @@ def mixes(run_dirs: list[str | os.PathLike], size: int = 5, dataset: Dataset | N
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UsageError(f"size must be a positive integer, got {size!r}")
     configs, x_valid, y_valid = _validation_part(run_dirs, dataset)
+    if tuning_only and configs[0].split not in TUNING_SPLITS:
+        raise UsageError(f"{run_dirs[0]}: choosing a mix on split {configs[0].split!r} would look at the test images "
+                         f"(its validation part holds them); choose among runs trained with --split "
+                         f"{' or '.join(TUNING_SPLITS)}, then train the chosen mix with --split standard")
     groups: dict[str, list[np.ndarray]] = {}
     proba = None
     for d, name in zip(run_dirs, recipe_names(configs), strict=True):

@@ -12,8 +12,9 @@ from ..config import TrainConfig
 from ..data.mnist import Dataset, load_dataset
 from ..errors import UsageError
 from ..files import write_json_atomic
-from ..run.driver import RunResult, train_run
-from ..run.rundir import prepare_run_dir
+from ..run.batch import BATCH, train_batch
+from ..run.driver import RESUME, RunResult, train_run
+from ..run.rundir import prepare_run_dir, read_json
 
 SEEDS_SUMMARY = "seeds.json"
 
@@ -25,17 +26,24 @@ def spread(values: list[float]) -> dict:
 
 
 def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *, force: bool = False,
-                dataset: Dataset | None = None, on_run: Callable[[int, RunResult], None] | None = None,
+                batched: bool = False, dataset: Dataset | None = None,
+                on_run: Callable[[int, RunResult], None] | None = None,
                 on_epoch: Callable[[int, dict], None] | None = None,
-                on_batch: Callable[[int, int, float], None] | None = None) -> dict:
+                on_batch: Callable[[int, int, float], None] | None = None,
+                on_stop: Callable[[int, str], None] | None = None) -> dict:
     """Train ``config`` once per seed into ``out/seed-N``; write and return ``out/seeds.json``.
 
     The summary has each run's validation accuracy and training seconds, and their
-    mean, standard deviation, min and max. ``on_epoch(seed, metrics)`` and
+    mean, standard deviation, min and max. ``batched``: every seed trained at once as one network
+    (:mod:`mnistlab.run.batch`; FastCNN models), a member that diverges stopping alone
+    (``on_stop(seed, message)``; listed under ``stopped``). ``on_epoch(seed, metrics)`` and
     ``on_run(seed, result)`` report progress.
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"seeds must be distinct, got {list(seeds)}")
+    if batched:
+        return _batch_summary(Path(out), train_batch(config, seeds, out, force=force, dataset=dataset,
+                                                     on_epoch=on_epoch, on_run=on_run, on_stop=on_stop))
     out = prepare_run_dir(out, force)
     ds = dataset if dataset is not None else load_dataset(config.data_dir)
     runs = []
@@ -49,6 +57,23 @@ def train_seeds(config: TrainConfig, seeds: list[int], out: str | os.PathLike, *
     return _write_summary(out, config, seeds, runs)
 
 
+def resume_batch(out: str | os.PathLike, *, dataset: Dataset | None = None,
+                 on_run: Callable[[int, RunResult], None] | None = None,
+                 on_epoch: Callable[[int, dict], None] | None = None,
+                 on_stop: Callable[[int, str], None] | None = None) -> dict:
+    """Continue the interrupted batch in ``out`` (:func:`train_seeds` with ``batched``); its ``seeds.json``."""
+    results = train_batch(None, None, out, mode=RESUME, dataset=dataset, on_epoch=on_epoch, on_run=on_run,
+                          on_stop=on_stop)
+    return _batch_summary(Path(out), results)
+
+
+def _batch_summary(out: Path, results: dict[int, RunResult]) -> dict:
+    batch = read_json(out / BATCH)
+    config = TrainConfig.from_dict({**batch["config"], "seed": 0})
+    runs = [_row(seed, r.run_dir.name, r.summary) for seed, r in results.items()]
+    return _write_summary(out, config, batch["seeds"], runs, stopped=batch["stopped"])
+
+
 def _row(seed: int, run_dir: str, summary: dict) -> dict:
     return {"seed": seed, "run_dir": run_dir, "valid_acc": summary["valid_acc"], "valid_loss": summary["valid_loss"],
             "train_seconds": summary["train_seconds"]}
@@ -57,8 +82,8 @@ def _row(seed: int, run_dir: str, summary: dict) -> dict:
 def _write_summary(out: Path, config: TrainConfig, seeds: list[int], runs: list[dict], **extra) -> dict:
     """``OUT/seeds.json``: each run's figures, and their spread."""
     summary = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "runs": runs,
-               "valid_acc": spread([r["valid_acc"] for r in runs]),
-               "train_seconds": spread([r["train_seconds"] for r in runs]), **extra}
+               "valid_acc": spread([r["valid_acc"] for r in runs]) if runs else None,
+               "train_seconds": spread([r["train_seconds"] for r in runs]) if runs else None, **extra}
     write_json_atomic(out / SEEDS_SUMMARY, summary)
     return summary
 

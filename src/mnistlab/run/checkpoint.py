@@ -27,6 +27,7 @@ from ..files import write_bytes_atomic, write_json_atomic
 WEIGHTS = "model.safetensors"
 META = "model.json"
 STATE = "checkpoint.safetensors"
+STAGED = "checkpoint.next.safetensors"  # a batch's member: the next checkpoint, until the whole batch has it
 
 
 def _contiguous(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,15 +65,16 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         raise RunError(f"{path}: cannot load the weights ({first_line(exc)})") from None
 
 
-def write_state(directory: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write ``checkpoint.safetensors`` atomically: ``arrays`` and the JSON-able ``meta``."""
+def write_state(directory: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict, name: str = STATE) -> None:
+    """Write ``checkpoint.safetensors`` (or ``name``) atomically: ``arrays`` and the JSON-able ``meta``."""
     data = save(_contiguous(arrays), metadata={"state": json.dumps(meta)})
-    write_bytes_atomic(Path(directory) / STATE, data)
+    write_bytes_atomic(Path(directory) / name, data)
 
 
-def read_state(directory: str | os.PathLike, arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+def read_state(directory: str | os.PathLike, arrays: bool = True,
+               name: str = STATE) -> tuple[dict, dict[str, np.ndarray]]:
     """What :func:`write_state` wrote: ``(meta, arrays by name)`` (``arrays=False``: the meta alone)."""
-    path = Path(directory) / STATE
+    path = Path(directory) / name
     try:
         with safe_open(path, framework="numpy") as f:
             meta = json.loads(f.metadata()["state"])

@@ -208,32 +208,53 @@ def resume_run(run_dir: str | os.PathLike, *, dataset: Dataset | None = None, on
     return run_training(None, run_dir, mode=RESUME, dataset=dataset, on_batch=on_batch, on_epoch=on_epoch)
 
 
+class RunWriter:
+    """What a run directory gets as its run goes: after every epoch the checkpoint, the metrics and,
+    now and then, loss.png; at the end the weights, ``summary.json`` and the pictures."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, history: History, phases: Phases,
+                 on_epoch: OnEpoch | None = None):
+        self.config, self.run_dir, self.history, self.phases, self.on_epoch = config, run_dir, history, phases, on_epoch
+        self.first_epoch = len(history.epochs)
+        self.last_plot = time.monotonic()
+
+    def epoch(self, record: dict, arrays: dict, meta: dict, state_file: str = checkpoint.STATE) -> None:
+        """After ``record`` (in the history already): the engine's state (``arrays``, ``meta``) saved
+        (into ``state_file``)."""
+        with self.phases("checkpoints"):
+            meta = {**meta, "epoch": record["epoch"], "epochs": self.history.epochs}
+            checkpoint.write_state(self.run_dir, arrays, meta, state_file)
+            write_metrics(self.run_dir, self.history)
+        # the last epoch's loss.png is drawn by finish(), beside the other pictures
+        if record["epoch"] < self.config.epochs and time.monotonic() - self.last_plot >= LOSS_PLOT_EVERY:
+            with self.phases("pictures"):
+                plots.save(plots.plot_history(self.history.epochs, f"{self.config.model}: {self.run_dir.name}"),
+                           self.run_dir / "loss.png")
+            self.last_plot = time.monotonic()
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+
+    def finish(self, weights: dict, num_classes: int, proba, x_valid, y_valid, *, n_train: int, device: str,
+               num_parameters: int, extra: dict) -> dict:
+        """The final weights, then the summary and the pictures from the validation probabilities ``proba``."""
+        with self.phases("checkpoints"):
+            checkpoint.write_weights(self.run_dir, weights, self.config.model, {"num_classes": num_classes})
+        return finish(self.run_dir, self.config, self.history, self.first_epoch, self.phases, proba, x_valid, y_valid,
+                      num_classes, n_train=n_train, device=device, num_parameters=num_parameters, extra=extra)
+
+
 def _drive(config: TrainConfig, run_dir: Path, ds: Dataset, engine: Engine, history: History, phases: Phases,
            on_batch: OnBatch | None, on_epoch: OnEpoch | None) -> RunResult | None:
     """The epochs after ``history``'s last, then weights, summary and pictures."""
     with phases("data"):
         x_train, y_train, x_valid, y_valid = load_split(config, ds)
-    first_epoch = len(history.epochs)
-    last_plot = time.monotonic()
     writes = distributed.is_main()
+    writer = RunWriter(config, run_dir, history, phases, on_epoch)
 
     def epoch_done(record: dict) -> None:  # the record is in history already
-        nonlocal last_plot
-        if not writes:
-            return
-        with phases("checkpoints"):
+        if writes:
             arrays, meta = engine.state()
-            meta = {**meta, "epoch": record["epoch"], "epochs": history.epochs, "engine": engine.name}
-            checkpoint.write_state(run_dir, arrays, meta)
-            write_metrics(run_dir, history)
-        # the last epoch's loss.png is drawn by finish(), beside the other pictures
-        if record["epoch"] < config.epochs and time.monotonic() - last_plot >= LOSS_PLOT_EVERY:
-            with phases("pictures"):
-                plots.save(plots.plot_history(history.epochs, f"{config.model}: {run_dir.name}"),
-                           run_dir / "loss.png")
-            last_plot = time.monotonic()
-        if on_epoch is not None:
-            on_epoch(record)
+            writer.epoch(record, arrays, {**meta, "engine": engine.name})
 
     try:
         proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch, epoch_done)
@@ -243,12 +264,9 @@ def _drive(config: TrainConfig, run_dir: Path, ds: Dataset, engine: Engine, hist
         raise distributed.failed(exc) from None
     if not writes:
         return None
-    with phases("checkpoints"):
-        checkpoint.write_weights(run_dir, engine.weights(), config.model, {"num_classes": ds.num_classes})
     if proba is None or config.tta:  # the last epoch's validation kept them, unless nothing was left
         with phases("final_inference"):  # once, for the summary and the pictures
             proba = engine.predict_proba(x_valid, tta=config.tta)
-    summary = finish(run_dir, config, history, first_epoch, phases, proba, x_valid, y_valid, ds.num_classes,
-                     n_train=len(x_train), device=engine.device, num_parameters=engine.num_parameters,
-                     extra={"engine": engine.name})
+    summary = writer.finish(engine.weights(), ds.num_classes, proba, x_valid, y_valid, n_train=len(x_train),
+                            device=engine.device, num_parameters=engine.num_parameters, extra={"engine": engine.name})
     return RunResult(run_dir, history, summary, engine.torch_model())

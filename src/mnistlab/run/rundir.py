@@ -24,14 +24,14 @@ from ..config import History, TrainConfig
 from ..data.mnist import Dataset, load_dataset, split
 from ..errors import RunError, UsageError
 from ..files import write_text_atomic
-from .checkpoint import META, STATE, WEIGHTS
+from .checkpoint import META, STAGED, STATE, WEIGHTS
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 PICTURES = ("example.png", "loss.png", "predictions.png", "confusion.png", "mistakes.png")
-RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, WEIGHTS, META, STATE,
+RUN_FILES = (CONFIG, SUMMARY, METRICS_CSV, METRICS_JSONL, WEIGHTS, META, STATE, STAGED,
              "report.html", *PICTURES)
 METRIC_KEYS = ("epoch", "train_loss", "valid_loss", "valid_acc", "seconds")
 GRID = (3, 3)  # the seed's prediction grid: validation images 0..8
@@ -105,6 +105,16 @@ def read_config(run_dir: str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise RunError(f"{run_dir / CONFIG}: unreadable config ({exc})") from None
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file a run or a batch of runs wrote; one-line errors naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: not found") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable ({exc})") from None
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict:

@@ -50,16 +50,26 @@ class Augment:
         """``xb``: float images (B, 784) or (B, 1, 28, 28) -> augmented (B, 1, 28, 28), same dtype and device.
         Random numbers from ``generator`` (default: torch's global one)."""
         xb = xb.reshape(-1, 1, 28, 28)
-        n = len(xb)
-        if n == 0:
+        if len(xb) == 0:
             return xb
-        r = torch.rand(n, 4, device=xb.device, dtype=xb.dtype, generator=generator) * 2 - 1  # uniform in [-1, 1)
+        return self.apply(xb, *self.draw(len(xb), xb.device, xb.dtype, generator))
+
+    def draw(self, n: int, device, dtype, generator: torch.Generator | None = None) -> tuple:
+        """The random numbers :meth:`apply` takes for ``n`` images, in the order :meth:`__call__` draws
+        them: uniform in [-1, 1) per image for angle, zoom and shifts (n, 4), then the elastic
+        field's control points (n, 2, control, control), if any."""
+        r = torch.rand(n, 4, device=device, dtype=dtype, generator=generator) * 2 - 1
+        if self.elastic <= 0:
+            return r, None
+        coarse = torch.rand(n, 2, self.control, self.control, device=device, dtype=dtype, generator=generator) * 2 - 1
+        return r, coarse
+
+    def apply(self, xb: torch.Tensor, r: torch.Tensor, coarse: torch.Tensor | None) -> torch.Tensor:
+        """The maps :meth:`draw`'s numbers make, on images ``xb`` (B, 1, 28, 28): one ``grid_sample``."""
         theta = affine_theta(r[:, 0] * math.radians(self.rotate), 1 + r[:, 1] * self.scale,
                              r[:, 2] * self.shift, r[:, 3] * self.shift)
         grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
-        if self.elastic > 0:
-            coarse = torch.rand(n, 2, self.control, self.control, device=xb.device, dtype=xb.dtype,
-                                generator=generator) * 2 - 1
+        if coarse is not None:
             field = F.interpolate(coarse, size=xb.shape[-2:], mode="bicubic", align_corners=False)
             grid = grid + field.permute(0, 2, 3, 1) * (self.elastic * 2 / 28)
         return F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -22,6 +22,27 @@ from .engine import Engine
 COLLAPSED = 1e-6  # largest range of any output over the validation images below which they count as constant
 
 
+def check_loss(train_loss: float, epoch: int, config: TrainConfig) -> None:
+    """Raise :class:`TrainingDiverged` where an epoch's mean training loss is NaN or infinite."""
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"training diverged: the loss became {train_loss} in epoch {epoch}; "
+                               f"try a lower learning rate than {config.lr} (--lr)")
+
+
+def check_outputs(valid: dict, train_loss: float, epoch: int, config: TrainConfig) -> None:
+    """Raise :class:`TrainingDiverged` where the network gives every validation image the same outputs."""
+    if valid.get("spread", math.nan) < COLLAPSED:
+        raise TrainingDiverged(f"training collapsed: after epoch {epoch} the network gives every image the same "
+                               f"outputs (train loss {train_loss:.4f}, valid accuracy "
+                               f"{100 * valid['acc']:.2f}%); try a lower learning rate than {config.lr} (--lr)")
+
+
+def epoch_record(epoch: int, train_loss: float, valid: dict, seconds: float, train_seconds: float) -> dict:
+    """One epoch's line of metrics.csv / metrics.jsonl (``train_seconds``: the training steps alone)."""
+    return {"epoch": epoch, "train_loss": float(train_loss), "valid_loss": valid["loss"], "valid_acc": valid["acc"],
+            "seconds": seconds, "train_seconds": train_seconds}
+
+
 def train_epochs(engine: Engine, config: TrainConfig, x_train, y_train, x_valid, y_valid, history: History,
                  on_batch: Callable[[int, int, float], None] | None = None,
                  on_epoch: Callable[[dict], None] | None = None) -> np.ndarray | None:
@@ -36,20 +57,13 @@ def train_epochs(engine: Engine, config: TrainConfig, x_train, y_train, x_valid,
         start = time.perf_counter()
         train_loss = engine.train_epoch(epoch, on_batch)
         trained = time.perf_counter() - start
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training diverged: the loss became {train_loss} in epoch {epoch}; "
-                                   f"try a lower learning rate than {config.lr} (--lr)")
+        check_loss(train_loss, epoch, config)
         last = epoch == config.epochs
         valid = engine.validate(keep_proba=last)
-        if valid.get("spread", math.nan) < COLLAPSED:
-            raise TrainingDiverged(f"training collapsed: after epoch {epoch} the network gives every image the same "
-                                   f"outputs (train loss {train_loss:.4f}, valid accuracy "
-                                   f"{100 * valid['acc']:.2f}%); try a lower learning rate than {config.lr} (--lr)")
+        check_outputs(valid, train_loss, epoch, config)
         if last:
             proba = valid["proba"]
-        record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"], "valid_acc": valid["acc"],
-                  "seconds": time.perf_counter() - start,
-                  "train_seconds": trained}  # the training steps alone, validation excluded
+        record = epoch_record(epoch, train_loss, valid, time.perf_counter() - start, trained)
         history.epochs.append(record)
         if on_epoch is not None:
             on_epoch(record)
