@@ -47,7 +47,8 @@ def _identical(a, b) -> bool:
 
 
 @pytest.mark.parametrize("args", [["--model", "cnn", "--epochs", "2"],
-                                  ["--model", "bncnn", "--epochs", "1", "--augment", "affine"]])
+                                  ["--model", "bncnn", "--epochs", "1", "--augment", "affine"],
+                                  ["--preset", "fast", "--epochs", "2", "--augment", "affine", "--drop-last"]])
 def test_two_runs_of_a_seed_are_bit_identical_on_the_gpu(tmp_path, small_dir, args):
     """Deterministic algorithms by default: convolutions, pooling, BatchNorm, dropout and augmentation
     drawn on the GPU give the same weights twice."""
@@ -66,10 +67,12 @@ def test_every_model_trains_on_the_gpu_with_device_auto(tmp_path, small_dir, mod
     assert json.loads((run / "config.json").read_text())["resolved_device"] == "cuda"
 
 
-def test_resume_after_sigkill_on_the_gpu(tmp_path, mnist):
-    """A run killed after two epochs and resumed ends with the uninterrupted run's weights, bit for bit."""
+@pytest.mark.parametrize("args", [["--model", "cnn"], ["--preset", "fast", "--drop-last"]], ids=["eager", "graphed"])
+def test_resume_after_sigkill_on_the_gpu(tmp_path, mnist, args):
+    """A run killed after two epochs and resumed ends with the uninterrupted run's weights, bit for bit
+    (graphed: the resumed run's first steps are eager again)."""
     def cmd(out):
-        return [sys.executable, "-m", "mnistlab", "train", "--model", "cnn", "--epochs", "6", "--device", "cuda",
+        return [sys.executable, "-m", "mnistlab", "train", *args, "--epochs", "6", "--device", "cuda",
                 "--out", str(out)]
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -86,6 +89,30 @@ def test_resume_after_sigkill_on_the_gpu(tmp_path, mnist):
     assert main(["train", "--resume", str(killed)]) == 0
     assert _identical(_weights(whole), _weights(killed))
     assert _summary(killed)["valid_acc"] == _summary(whole)["valid_acc"]
+
+
+def test_drop_last_captures_the_step_as_a_cuda_graph(small_dir, monkeypatch):
+    """With every batch full the step runs as a replayed CUDA graph, and learns as the eager loop does."""
+    from mnistlab.data.mnist import load_dataset
+    from mnistlab.run.rundir import load_split
+    from mnistlab.train.autograd_engine import AutogradEngine
+
+    config = mnistlab.TrainConfig.from_preset("fast", epochs=2, batch_size=64, drop_last=True,
+                                              data_dir=str(small_dir), device="cuda")
+    ds = load_dataset(config.data_dir)
+    runs = []
+    for graphed in (True, False):
+        if not graphed:
+            monkeypatch.setattr(AutogradEngine, "_graphable", lambda self, on_batch: False)
+        engine = AutogradEngine.create(config, ds.num_classes, "cuda")
+        engine.set_data(*load_split(config, ds))
+        losses = [engine.train_epoch(e) for e in (1, 2)]
+        runs.append((engine, losses))
+    assert runs[0][0].graphed.graph is not None and getattr(runs[1][0], "graphed", None) is None
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-3)
+    a, b = runs[0][0].weights(), runs[1][0].weights()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-2, atol=1e-4, err_msg=k)
 
 
 def test_a_gpu_trained_run_is_used_on_the_cpu(tmp_path, mnist):

@@ -237,3 +237,43 @@ def test_determinism_is_recorded_and_set_before_cuda_starts(tmp_path, small_dir)
             "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "True", "True", "False", ":4096:8", "False", "False", "True"], done.stderr
+
+
+@pytest.mark.parametrize("model", ["fastcnn", "bncnn"])
+def test_drop_last_makes_every_step_a_full_batch(tmp_path, small_dir, model):
+    """600 training images in batches of 128: 4 full steps an epoch (the last 88 left out, others each
+    epoch), where without it 5; the BatchNorm counters say how many steps ran."""
+    for drop, steps in ((True, 4), (False, 5)):
+        config = TrainConfig(model=model, epochs=2, batch_size=128, lr=0.05, drop_last=drop,
+                             data_dir=str(small_dir), device="cpu")
+        result = mnistlab.train_run(config, tmp_path / f"{model}-{drop}")
+        counters = [v for k, v in checkpoint.read_weights(result.run_dir).items() if k.endswith("num_batches_tracked")]
+        assert counters and all(int(c) == 2 * steps for c in counters), (drop, counters)
+        assert json.loads((result.run_dir / "config.json").read_text())["drop_last"] is drop
+    with pytest.raises(UsageError, match="drop_last leaves no full batch: 500 training images"):
+        mnistlab.train_run(TrainConfig(model=model, epochs=1, batch_size=512, drop_last=True, split="holdout",
+                                       data_dir=str(small_dir), device="cpu"), tmp_path / "none")
+
+
+def test_the_graphed_step_computes_the_eager_step(small_dir, monkeypatch):
+    """The step a CUDA graph captures (static rows, the learning rate as a tensor), run eagerly here:
+    the eager loop's weights with augmentation and dropout drawn in the same order, to rounding."""
+    from mnistlab.data.mnist import load_dataset
+    from mnistlab.run.rundir import load_split
+    from mnistlab.train.autograd_engine import AutogradEngine
+
+    config = TrainConfig(model="bncnn", epochs=2, batch_size=128, lr=0.05, momentum=0.9, schedule="onecycle",
+                         augment="affine", drop_last=True, data_dir=str(small_dir), device="cpu")
+    ds = load_dataset(config.data_dir)
+    weights = []
+    for graphed in (False, True):
+        monkeypatch.setattr(AutogradEngine, "_graphable", lambda self, on_batch, g=graphed: g)
+        engine = AutogradEngine.create(config, ds.num_classes, "cpu")
+        engine.set_data(*load_split(config, ds))
+        losses = [engine.train_epoch(e) for e in (1, 2)]
+        assert (getattr(engine, "graphed", None) is not None) is graphed
+        weights.append((engine.weights(), losses))
+    (a, la), (b, lb) = weights
+    assert la == pytest.approx(lb, rel=1e-5)
+    for k in a:  # 8 steps: rounding (a fused multiply-add or not) grown to a few 1e-6
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=2e-5, err_msg=k)

@@ -89,3 +89,24 @@ def test_weight_average_is_an_exponential_moving_average_with_warm_up():
     assert copy.steps == 21 and torch.equal(copy.model[0].weight, average.model[0].weight)
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverage(model, decay=1.0)
+
+
+def test_a_learning_rate_held_in_a_tensor_gives_the_same_steps():
+    """The CUDA graph's SGD reads its learning rate from a tensor (nothing baked into the graph)."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    a = SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    b = SGD(twins, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for step in range(6):
+        lr = 0.05 * (step + 1)
+        a.param_groups[0]["lr"] = lr
+        b.param_groups[0]["lr"] = torch.tensor(lr)
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # (alpha may be fused into one rounding)
+    assert isinstance(b.state_dict()["param_groups"][0]["lr"], float)  # a checkpoint's JSON takes it

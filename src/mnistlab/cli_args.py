@@ -146,6 +146,10 @@ def _add_train(sub) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="score the final model with test-time augmentation: probabilities averaged over each "
                         "validation image and its 8 one-pixel shifts (default: off)")
+    p.add_argument("--drop-last", action="store_true", default=None,
+                   help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
+                        "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "
+                        "replayed (default: off, the last batch is smaller)")
     p.add_argument("--seed", type=non_negative_int, default=None,
                    help=f"random seed for weights and shuffling (default: {default('seed')})")
     p.add_argument("--subsample", type=float, default=None, metavar="FRACTION",
@@ -215,6 +219,10 @@ def _add_search(sub) -> None:
     p.add_argument("--split", default=TUNING_SPLITS[0], type=tuning_split, metavar="|".join(TUNING_SPLITS),
                    help=f"{', '.join(TUNING_SPLITS)}: the training images alone; the other splits' validation parts "
                         f"hold the test images, so a search never runs on them (default: {TUNING_SPLITS[0]})")
+    p.add_argument("--drop-last", action="store_true", default=None,
+                   help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
+                        "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "
+                        "replayed (default: off, the last batch is smaller)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the sampler and of every trial's run (default: 0)")
     p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")

@@ -80,6 +80,7 @@ class TrainConfig:
     augment: str = "none"  # "none"; "affine": random shifts, rotations, scaling; "elastic": also warps (augment.py)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
     tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
+    drop_last: bool = False  # every step a full batch: each epoch's last partial batch (of a new order) left out
     subsample: float = 1.0  # fraction of the training part this run trains on, drawn with its seed; 1: all of it
     nproc: int = 1  # processes training this run together (data-parallel, torchrun); the PyTorch engine
     sync_bn: bool = False  # with nproc > 1: BatchNorm statistics of the whole global batch (CUDA)
@@ -149,7 +150,7 @@ class TrainConfig:
         if isinstance(self.subsample, bool) or not isinstance(self.subsample, (int, float)) \
                 or not 0 < self.subsample <= 1:
             raise UsageError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
-        for name in ("tta", "sync_bn", "deterministic"):
+        for name in ("tta", "sync_bn", "deterministic", "drop_last"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:

@@ -12,8 +12,6 @@ and FastCNN run in the compiled kernels through autograd (:mod:`mnistlab.kernels
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from .allocator import keep_freed_memory
 from .augment import AUGMENTS
 from .engine import AUTOGRAD, prefixed
 from .optim import SGD, WeightAverage
-from .schedule import learning_rate
+from .schedule import learning_rate, steps_per_epoch
 
 
 def _draw_seed() -> int:
@@ -100,6 +98,29 @@ class AutogradEngine:
                 group["lr"] = learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
                                             c.warmup)
 
+    def _graphable(self, on_batch) -> bool:
+        """Whether this epoch's steps run as one captured CUDA graph (:class:`~.graphed.GraphedStep`):
+        every batch full (``drop_last``), one process, no per-step hook, no weight average."""
+        c = self.config
+        return (self.torch_device.type == "cuda" and c.drop_last and self.group is None and on_batch is None
+                and self.average is None)
+
+    def _train_epoch_graphed(self, epoch: int, order: torch.Tensor, n_batches: int) -> float:
+        from .graphed import GraphedStep
+
+        c = self.config
+        if getattr(self, "graphed", None) is None:
+            self.graphed = GraphedStep(self, c.batch_size, capture=self.torch_device.type == "cuda")
+        self.model.train()
+        # every step's learning rate, and the epoch's batches, on the device before the first step
+        rates = torch.tensor([learning_rate(c.schedule, c.lr, (epoch - 1) * n_batches + b, c.epochs * n_batches,
+                                            c.warmup) for b in range(n_batches)], device=self.torch_device)
+        batches = order[: n_batches * c.batch_size].view(n_batches, c.batch_size)
+        self.graphed.total.zero_()
+        for b in range(n_batches):
+            self.graphed(batches[b], rates[b])
+        return float(self.graphed.total) / n_batches
+
     def train_epoch(self, epoch: int, on_batch=None) -> float:
         """One pass in a fresh random order; the mean of the batch losses."""
         if self.group is not None:
@@ -108,7 +129,9 @@ class AutogradEngine:
         model.train()
         n = len(x)
         order = dataloader_order(n).to(x.device)
-        n_batches = math.ceil(n / c.batch_size)
+        n_batches = steps_per_epoch(n, c.batch_size, c.drop_last)
+        if self._graphable(on_batch):
+            return self._train_epoch_graphed(epoch, order, n_batches)
         total = torch.zeros((), device=x.device)
         forward = forward_for(model, x)  # the compiled kernels for the seed's CNN and FastCNN on a CPU
         for b in range(n_batches):
@@ -140,7 +163,7 @@ class AutogradEngine:
         model.train()
         n = len(x)
         order = dataloader_order(n).to(x.device)
-        n_batches = math.ceil(n / c.batch_size)
+        n_batches = steps_per_epoch(n, c.batch_size, c.drop_last)
         sums = torch.zeros(n_batches, dtype=torch.float64, device=x.device)
         sizes = torch.zeros(n_batches, dtype=torch.float64, device=x.device)
         forward = forward_for(model, x)

@@ -32,7 +32,7 @@ from ..models import FastCNN
 from .augment import AUGMENTS
 from .engine import prefixed
 from .optim import SGD
-from .schedule import learning_rate
+from .schedule import learning_rate, steps_per_epoch
 
 BATCHED = "batched"
 CONVS = (("features.0", "features.1", 5), ("features.3", "features.4", 3), ("features.6", "features.7", 3))
@@ -103,7 +103,7 @@ class BatchedEngine:
         """One pass over each member's images in its own order; each member's mean batch loss (N,)."""
         c, size = self.config, self.config.batch_size
         n = len(self.x_train[0])
-        n_batches = math.ceil(n / size)
+        n_batches = steps_per_epoch(n, size, c.drop_last)
         orders = torch.from_numpy(np.stack([s.permutation(n) for s in self.shuffles])).to(self.torch_device)
         alive = torch.from_numpy(self.alive).to(self.torch_device)
         total = torch.zeros(self.n, dtype=torch.float64, device=self.torch_device)

@@ -11,8 +11,6 @@ with it too. All three are in the checkpoint, so a resumed run continues exactly
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..config import FASTCNN_WIDTHS, TrainConfig
@@ -21,7 +19,7 @@ from ..kernels import fastcnn
 from ..metrics import log_softmax
 from .allocator import keep_freed_memory
 from .engine import KERNELS, prefixed
-from .schedule import learning_rate
+from .schedule import learning_rate, steps_per_epoch
 
 
 class KernelEngine:
@@ -52,7 +50,7 @@ class KernelEngine:
         """A fresh shuffled order, then SGD steps of ``batch_size`` images (uint8 pixels / 256)."""
         c, x, y = self.config, self.x_train, self.y_train
         n, size = len(x), c.batch_size
-        n_batches = math.ceil(n / size)
+        n_batches = steps_per_epoch(n, size, c.drop_last)
         order = self.shuffle.permutation(n)
         total = 0.0
         with np.errstate(all="ignore"):  # a diverging run ends with one line from the loop, not warnings

@@ -51,6 +51,9 @@ def train_epochs(engine: Engine, config: TrainConfig, x_train, y_train, x_valid,
     its final weights."""
     if len(x_train) == 0 or len(x_valid) == 0:
         raise UsageError("training and validation parts must both hold at least one image")
+    if config.drop_last and len(x_train) < config.batch_size:
+        raise UsageError(f"drop_last leaves no full batch: {len(x_train)} training images, batch size "
+                         f"{config.batch_size}")
     engine.set_data(x_train, y_train, x_valid, y_valid)
     proba = None
     for epoch in range(len(history.epochs) + 1, config.epochs + 1):

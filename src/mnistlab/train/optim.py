@@ -50,7 +50,10 @@ class SGD:
                             s["momentum_buffer"].mul_(momentum).add_(g)
                         bufs.append(s["momentum_buffer"])
                 grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-            torch._foreach_add_(params, grads, alpha=-lr)
+            if isinstance(lr, torch.Tensor):  # a learning rate on the device (a CUDA graph's input): no host sync
+                torch._foreach_add_(params, torch._foreach_mul(grads, lr), alpha=-1)
+            else:
+                torch._foreach_add_(params, grads, alpha=-lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -69,7 +72,7 @@ class SGD:
         groups, start = [], 0
         for group in self.param_groups:
             n = len(group["params"])
-            settings = {k: v for k, v in group.items() if k != "params"}
+            settings = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
             groups.append({**settings, "params": list(range(start, start + n))})
             start += n
         state = {index[id(p)]: dict(s) for p, s in self.state.items()}

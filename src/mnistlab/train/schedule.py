@@ -7,6 +7,11 @@ import math
 from ..config import SCHEDULES
 
 
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimizer steps in a pass over ``n`` images: every batch, or (``drop_last``) the full ones."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
 def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: float = 0.25) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of ``total``.
 
