@@ -161,3 +161,24 @@ def test_resuming_a_finished_batch_is_refused(tmp_path, small_dir):
     train_batch(config, [0, 1], tmp_path / "b")
     with pytest.raises(UsageError, match="the batch already finished"):
         train_batch(None, None, tmp_path / "b", mode="resume")
+
+
+def test_a_member_is_used_as_any_run_and_resumed_only_with_its_batch(tmp_path, small_dir, capsys):
+    config = TrainConfig.from_preset("fast", epochs=2, batch_size=128, data_dir=str(small_dir), device="cpu")
+    out = tmp_path / "b"
+
+    def stop(seed, record):
+        if record["epoch"] == 1 and seed == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_batch(config, [0, 1], out, on_epoch=stop)
+    assert main(["train", "--resume", str(out / "seed-0")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resume the batch: mnistlab train --resume OUT" in err, err
+    assert main(["train", "--resume", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "seed-0"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["valid_acc"] == json.loads((out / "seed-0" / "summary.json").read_text())["valid_acc"]
+    assert main(["ensemble", str(out / "seed-0"), str(out / "seed-1")]) == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mnistlab.errors import RunError
+from mnistlab.kernels import calls
 from mnistlab.lab import bench, reference
 from mnistlab.models import create_model
 
@@ -76,7 +77,10 @@ def test_quick_plan_is_bounded_and_full_plan_runs_every_seed():
         else:
             assert j.get("epochs", PRESETS[j["preset"]]["epochs"]) <= 2, j
     full = bench.BenchPlan(seeds=(0, 1, 2)).jobs()
-    assert [j["seed"] for j in full if j.get("preset") == "fast"] == [0, 1, 2]
+    assert [j["seed"] for j in full if j["name"] == "mnistlab --preset fast"] == [0, 1, 2]
+    bf16 = [j["seed"] for j in full if j.get("precision") == "bf16"]
+    assert bf16 == ([0, 1, 2] if calls.bf16_available() else [])  # each right after its fp32 run
+    assert not [j for j in bench.BenchPlan(device="cuda").jobs() if j.get("precision")]
 
 
 def test_reference_recipe_runs_in_its_own_process():
@@ -112,3 +116,12 @@ def test_the_seed_benchmark_script_runs_both_sides():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) == 2 and "seed code as written" in rows[0] and "mnistlab train" in rows[1], done.stdout
     assert re.search(r"speed-up \(seed / mnistlab\): training \d+\.\d\dx", done.stdout), done.stdout
+
+
+def test_the_table_states_bf16_beside_fp32_from_one_run():
+    runs = [_measured("mnistlab --preset fast", [0.99], t, seed=i) for i, t in enumerate((3.0, 2.8, 3.2))]
+    runs += [_measured("mnistlab --preset fast --precision bf16", [0.99], t, seed=i)
+             for i, t in enumerate((2.4, 2.0, 2.2))]
+    table = bench.markdown(bench.summarize(runs, peak=100e9), 100e9, bench.BenchPlan(), "mnistlab bench")
+    assert "mnistlab --preset fast --precision bf16: training 1.36x as fast as fp32 in this run (2.20 s against " \
+           "3.00 s, medians)" in table

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
-from .config import AUGMENT_NAMES, AUGMENTS, DEVICES, MODEL_NAMES, PRESETS, RECIPES, SCHEDULES, TrainConfig
+from .config import AUGMENT_NAMES, AUGMENTS, DEVICES, MODEL_NAMES, PRECISIONS, PRESETS, RECIPES, SCHEDULES, TrainConfig
 from .data.mnist import SPLITS, TUNING_SPLITS
 from .train.distributed import DEFAULT_TIMEOUT
 
@@ -146,6 +146,9 @@ def _add_train(sub) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="score the final model with test-time augmentation: probabilities averaged over each "
                         "validation image and its 8 one-pixel shifts (default: off)")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="bf16: the kernel engine's 3x3 convolutions from bf16 operands summed in fp32, on CPUs with "
+                        f"AVX512-BF16; weights, gradients and the update stay fp32 (default: {default('precision')})")
     p.add_argument("--drop-last", action="store_true", default=None,
                    help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
                         "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "
@@ -219,6 +222,9 @@ def _add_search(sub) -> None:
     p.add_argument("--split", default=TUNING_SPLITS[0], type=tuning_split, metavar="|".join(TUNING_SPLITS),
                    help=f"{', '.join(TUNING_SPLITS)}: the training images alone; the other splits' validation parts "
                         f"hold the test images, so a search never runs on them (default: {TUNING_SPLITS[0]})")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="bf16: the kernel engine's 3x3 convolutions from bf16 operands summed in fp32, on CPUs with "
+                        f"AVX512-BF16; weights, gradients and the update stay fp32 (default: {default('precision')})")
     p.add_argument("--drop-last", action="store_true", default=None,
                    help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
                         "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "

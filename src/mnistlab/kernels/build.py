@@ -23,7 +23,7 @@ from ..data import mnist
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "seedcnn.c", CSRC / "fastcnn.c"]
-HEADERS = [CSRC / "kernels.h"]
+HEADERS = [CSRC / "kernels.h", CSRC / "bf16.h"]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC"]  # compiling; linking adds -shared
 # OpenMP where the compiler has it: the library then shares PyTorch's OpenMP runtime (libgomp.so.1,
 # already loaded by torch) and its thread count; without it, the kernels run on one thread.
@@ -91,8 +91,10 @@ def _build() -> ctypes.CDLL:
     f = ctypes.c_void_p
     lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
     lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
-    lib.fastcnn_forward.argtypes = [ctypes.c_int] * 5 + [f] * 19
-    lib.fastcnn_backward.argtypes = [ctypes.c_int] * 4 + [f] * 29
+    lib.fastcnn_forward.argtypes = [ctypes.c_int] * 5 + [f] * 19 + [ctypes.c_int]
+    lib.fastcnn_backward.argtypes = [ctypes.c_int] * 4 + [f] * 29 + [ctypes.c_int]
+    lib.fastcnn_bf16.argtypes = []
+    lib.fastcnn_bf16.restype = ctypes.c_int
     lib.fastcnn_head.argtypes = [ctypes.c_int] * 3 + [f] * 4 + [ctypes.c_float] + [f] * 5
     for fn in (lib.seedcnn_forward, lib.seedcnn_backward, lib.fastcnn_head):
         fn.restype = None

@@ -7,6 +7,7 @@ C-contiguous arrays; the buffer sizes they need. Nothing here imports PyTorch.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -67,18 +68,24 @@ def param_widths(params) -> tuple[int, int, int]:
     return widths
 
 
+def bf16_available() -> bool:
+    """Whether the kernels can compute FastCNN's 3x3 convolutions with bf16 operands: the library was
+    built for a CPU with AVX512-BF16 (``-march=native``), and ``MNISTLAB_BF16`` is not 0."""
+    return os.environ.get("MNISTLAB_BF16", "1") != "0" and build.available() and bool(library().fastcnn_bf16())
+
+
 def _p(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved=None, feats=None):
+def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved=None, feats=None, bf16: bool = False):
     """FastCNN's features for the float32 images ``x`` (n, 784) in [0, 1).
 
     ``params``: the nine float32 arrays w1, g1, b1, w2, g2, b2, w3, g3, b3 (conv weights,
     BatchNorm weights and biases), C-contiguous; their shapes give the widths. ``stats``
     (6, MAX_WIDTH) receives each BatchNorm's batch mean and biased variance, or (``given``) holds
-    the running ones. ``saved`` and ``feats``, if given, are reused. Returns
-    ``(feats (n, 16 * C3), saved)``.
+    the running ones. ``saved`` and ``feats``, if given, are reused. ``bf16``: the 3x3 convolutions
+    with bf16 operands and fp32 sums (:func:`bf16_available`). Returns ``(feats (n, 16 * C3), saved)``.
     """
     n, widths = len(x), param_widths(params)
     if saved is None:
@@ -86,20 +93,22 @@ def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved
     if feats is None:
         feats = np.empty((n, fast_features(widths)), np.float32)
     if library().fastcnn_forward(n, int(given), *widths, _p(x), *map(_p, params), *map(_p, saved), _p(stats),
-                                 _p(feats)):
+                                 _p(feats), int(bf16)):
         raise MemoryError("the compiled kernels could not allocate their buffers")
     return feats, saved
 
 
-def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads, scratch=None) -> None:
+def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads, scratch=None,
+                     bf16: bool = False) -> None:
     """Gradients of the nine ``params`` into ``grads`` (same shapes), from the gradient ``gfeat``
-    (n, 16 * C3) at the features and what :func:`fastcnn_forward` saved in training mode."""
+    (n, 16 * C3) at the features and what :func:`fastcnn_forward` saved in training mode (``bf16``:
+    the 3x3 convolutions' gradients from bf16 operands, summed in fp32)."""
     n, widths = len(gfeat), param_widths(params)
     if scratch is None:
         scratch = [np.empty((n, size), np.float32) for size in fast_scratch(widths)]
     w1, g1, _, w2, g2, _, w3, g3, _ = params
     if library().fastcnn_backward(n, *widths, *map(_p, (w1, g1, w2, g2, w3, g3)), *map(_p, saved), _p(stats),
-                                  _p(gfeat), *map(_p, scratch), *map(_p, grads)):
+                                  _p(gfeat), *map(_p, scratch), *map(_p, grads), int(bf16)):
         raise MemoryError("the compiled kernels could not allocate their buffers")
 
 

@@ -122,10 +122,13 @@ class FastCNNStep:
 
     ``buffers``: the momentum buffers, one array per name in :data:`PARAMS` (zeros before the
     first step, which makes the first update ``torch.optim.SGD``'s), or None without momentum.
+    ``bf16``: the 3x3 convolutions, forward and backward, from bf16 operands summed in fp32
+    (:func:`mnistlab.kernels.calls.bf16_available`); the weights, gradients and update stay fp32.
     """
 
     def __init__(self, state: dict, momentum_buffers: list[np.ndarray] | None, *, momentum: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, label_smoothing: float = 0.0):
+                 nesterov: bool = False, weight_decay: float = 0.0, label_smoothing: float = 0.0,
+                 bf16: bool = False):
         self.state = state
         self.params = [state[k] for k in PARAMS]
         for name, p in zip(PARAMS, self.params, strict=True):
@@ -136,6 +139,7 @@ class FastCNNStep:
         self.momentum_buffers = momentum_buffers
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.label_smoothing = label_smoothing
+        self.bf16 = bf16
         self.grads = [np.empty_like(p) for p in self.params]
         self._buffers: Buffers | None = None
 
@@ -148,10 +152,10 @@ class FastCNNStep:
         buf = self._buffers
         x = np.ascontiguousarray(x, np.float32).reshape(n, 784)
         buf.stats.fill(0)
-        feats, saved = calls.fastcnn_forward(x, self.params[:9], buf.stats, False, buf.saved, buf.feats)
+        feats, saved = calls.fastcnn_forward(x, self.params[:9], buf.stats, False, buf.saved, buf.feats, self.bf16)
         loss, gfeat, _, _ = calls.fastcnn_head(feats, self.params[9], self.params[10], y, self.label_smoothing,
                                                  buf.logits, (buf.gfeat, self.grads[9], self.grads[10]))
-        calls.fastcnn_backward(self.params[:9], saved, buf.stats, gfeat, self.grads[:9], buf.scratch)
+        calls.fastcnn_backward(self.params[:9], saved, buf.stats, gfeat, self.grads[:9], buf.scratch, self.bf16)
         update_running(self.state, buf.stats, n)
         self._sgd(lr)
         return loss

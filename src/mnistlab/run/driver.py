@@ -268,5 +268,6 @@ def _drive(config: TrainConfig, run_dir: Path, ds: Dataset, engine: Engine, hist
         with phases("final_inference"):  # once, for the summary and the pictures
             proba = engine.predict_proba(x_valid, tta=config.tta)
     summary = writer.finish(engine.weights(), ds.num_classes, proba, x_valid, y_valid, n_train=len(x_train),
-                            device=engine.device, num_parameters=engine.num_parameters, extra={"engine": engine.name})
+                            device=engine.device, num_parameters=engine.num_parameters,
+                            extra={"engine": engine.name, "precision": config.precision})
     return RunResult(run_dir, history, summary, engine.torch_model())

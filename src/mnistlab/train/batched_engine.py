@@ -30,11 +30,10 @@ from ..kernels.fastcnn import BN_MOMENTUM, PARAMS
 from ..metrics import log_softmax, score_logits
 from ..models import FastCNN
 from .augment import AUGMENTS
-from .engine import prefixed
+from .engine import BATCHED, prefixed
 from .optim import SGD
 from .schedule import learning_rate, steps_per_epoch
 
-BATCHED = "batched"
 CONVS = (("features.0", "features.1", 5), ("features.3", "features.4", 3), ("features.6", "features.7", 3))
 EVAL_IMAGES = 4096  # images x members per evaluation chunk
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ..config import FASTCNN_WIDTHS, TrainConfig
 from ..errors import RunError, UsageError
-from ..kernels.calls import FASTCNN, applies
-from .engine import AUTOGRAD, ENGINES, FORMER_NAMES, KERNELS, Engine
+from ..kernels.calls import FASTCNN, applies, bf16_available
+from .engine import AUTOGRAD, BATCHED, ENGINES, FORMER_NAMES, KERNELS, Engine
 
 
 def choose_engine(config: TrainConfig, device: str) -> str:
@@ -21,10 +21,17 @@ def choose_engine(config: TrainConfig, device: str) -> str:
 
 
 def check_processes(config: TrainConfig, device: str, name: str | None = None) -> None:
-    """Refuse, in one line, a multi-process setting the engine (``name``, default by the rule) cannot train."""
+    """Refuse, in one line, a setting the engine (``name``, default by the rule) cannot train: several
+    processes on the kernel engine, bf16 elsewhere or without the instructions, --sync-bn on the CPU."""
     if config.nproc > 1 and (name or choose_engine(config, device)) == KERNELS:
         raise UsageError(f"the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU) trains in one process; "
                          f"leave out --nproc, or train them with autograd (MNISTLAB_NATIVE=0, or CUDA)")
+    if config.precision == "bf16" and (name or choose_engine(config, device)) != KERNELS:
+        raise UsageError(f"--precision bf16 runs on the {KERNELS} engine ({', '.join(FASTCNN_WIDTHS)} on the CPU with "
+                         f"the compiled kernels); here the {AUTOGRAD} engine trains")
+    if config.precision == "bf16" and not bf16_available():
+        raise UsageError("--precision bf16: no bf16 kernels here (the CPU lacks AVX512-BF16, or MNISTLAB_BF16=0); "
+                         "use --precision fp32")
     if config.sync_bn and device != "cuda":
         raise UsageError("--sync-bn synchronises BatchNorm across GPUs; on the CPU each process keeps its own "
                          "statistics (leave out --sync-bn)")
@@ -33,6 +40,9 @@ def check_processes(config: TrainConfig, device: str, name: str | None = None) -
 def create_engine(config: TrainConfig, num_classes: int, device: str, name: str | None = None) -> Engine:
     """A fresh engine for ``config`` (``name``: the one a checkpoint names; default :func:`choose_engine`)."""
     name = FORMER_NAMES.get(name, name) or choose_engine(config, device)
+    if name == BATCHED:
+        raise RunError("this run trained in a batch with other seeds; resume the batch: mnistlab train --resume "
+                       "OUT (the folder holding its batch.json)")
     if name not in ENGINES:
         raise RunError(f"unknown engine {name!r}; this version has {', '.join(ENGINES)}")
     check_processes(config, device, name)

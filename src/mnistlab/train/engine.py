@@ -23,7 +23,8 @@ import numpy as np
 
 KERNELS = "kernels"
 AUTOGRAD = "autograd"
-ENGINES = (KERNELS, AUTOGRAD)
+ENGINES = (KERNELS, AUTOGRAD)  # one run each; BATCHED trains several (mnistlab.run.batch)
+BATCHED = "batched"
 # Names older versions recorded in summary.json and checkpoints, for resuming their runs.
 FORMER_NAMES = {"fastpath": KERNELS, "pytorch": AUTOGRAD}
 

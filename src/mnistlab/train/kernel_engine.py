@@ -40,7 +40,8 @@ class KernelEngine:
     def _stepper(self) -> None:
         c = self.config
         self.step = fastcnn.FastCNNStep(self.params, self.buffers, momentum=c.momentum, nesterov=c.nesterov,
-                                        weight_decay=c.weight_decay, label_smoothing=c.label_smoothing)
+                                        weight_decay=c.weight_decay, label_smoothing=c.label_smoothing,
+                                        bf16=c.precision == "bf16")
 
     def set_data(self, x_train, y_train, x_valid, y_valid) -> None:
         self.x_train, self.y_train = np.asarray(x_train), np.asarray(y_train, np.int64)
@@ -105,7 +106,7 @@ class KernelEngine:
             arrays["augment_rng"] = self.augment.get_state()
         group = {"lr": c.lr, "momentum": c.momentum, "dampening": 0, "weight_decay": c.weight_decay,
                  "nesterov": c.nesterov, "maximize": False, "params": list(range(len(fastcnn.PARAMS)))}
-        return arrays, {"param_groups": [group], "shuffle": self.shuffle.bit_generator.state}
+        return arrays, {"param_groups": [group], "shuffle": self.shuffle.bit_generator.state, "precision": c.precision}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         params = {k: np.array(v) for k, v in prefixed(arrays, "model").items()}

@@ -21,6 +21,10 @@
 #define Q2 9  /* conv2's output (7x7) with a zero border, for conv3 */
 #define EPS 1e-5f
 #define SMAX 128 /* the widest layer; rows of the statistics arrays (6, SMAX) */
+#include "bf16.h"
+
+/* Whether this build computes conv2 and conv3 with bf16 operands when asked (see bf16.h). */
+int fastcnn_bf16(void) { return BF16; }
 
 static inline int fslice(int n, int k) { return (int)((long)n * k / FPARTS); }
 
@@ -167,18 +171,35 @@ typedef struct {
     vec *w3;  /* [tap][C2 in][C3/16 output vectors] */
     vec *w3t; /* [tap][C3 out][C2/16 input vectors] */
     vec *mem;
+    void *b2, *b2t, *b3, *b3t; /* with bf16: conv2's and conv3's weights as bf16.h's pack_bf16 packs them */
+    void *bmem;
 } FWeights;
 
 static long conv_vecs(int CI, int CO, int taps) { return (long)taps * CI * (CO / 16); }
 
 static int width_ok(int c) { return c > 0 && c <= SMAX && c % 16 == 0; }
 
-/* 1 on success; 0 (nothing to free) for widths the kernels do not take or where memory ran out. */
-static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3) {
-    if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3)) return 0;
+/* 1 on success; 0 (nothing to free) for widths the kernels do not take, for bf16 where this
+ * build has no bf16 kernels, or where memory ran out. */
+static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3, int bf16) {
+    if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3) || (bf16 && !BF16)) return 0;
+    W->bmem = NULL;
+#if BF16
+    if (bf16) {
+        long s2 = 9L * c1 * c2 * 2, s3 = 9L * c2 * c3 * 2; /* bytes of one packing */
+        W->bmem = aligned_alloc(64, 2 * (s2 + s3));
+        if (!W->bmem) return 0;
+        W->b2 = W->bmem, W->b2t = (char *)W->b2 + s2, W->b3 = (char *)W->b2t + s2, W->b3t = (char *)W->b3 + s3;
+        pack_bf16(c1, c2, w2, W->b2, W->b2t);
+        pack_bf16(c2, c3, w3, W->b3, W->b3t);
+    }
+#endif
     long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     W->mem = aligned_alloc(64, (n1 + 2 * n2 + 2 * n3) * sizeof(vec));
-    if (!W->mem) return 0;
+    if (!W->mem) {
+        free(W->bmem);
+        return 0;
+    }
     W->w1 = W->mem, W->w2 = W->w1 + n1, W->w2t = W->w2 + n2, W->w3 = W->w2t + n2, W->w3t = W->w3 + n3;
     for (int o = 0; o < c1; o++)
         for (int t = 0; t < 25; t++) set_lane(&W->w1[t * (c1 / 16) + o / 16], o % 16, w1[o * 25 + t]);
@@ -218,14 +239,27 @@ static void zero_border(float *h, long images, int side, int hi, int C) {
  * ReLU (z_in, rows of CI, side hi) into zero-bordered grids h, the conv (CI -> CO, output side
  * ho) into z_out, and (unless `given`) the slice's sums of z_out for the next statistics. */
 INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, const float *z_in, const float *mean,
-                      const float *var, const float *gamma, const float *beta, float *h, const vec *w, float *z_out,
-                      float *sums) {
+                      const float *var, const float *gamma, const float *beta, float *h, const vec *w, const void *wb,
+                      float *z_out, float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
     zero_border(h + a * si, e - a, pi, hi, CI);
     bn_relu(z_in + a * hi * hi * CI, e - a, hi, CI, mean, var, gamma, beta, h + a * si, pi, 1);
+    if (!wb) {
 #define FWD(g, b) conv3x3_fwd(g, CI, CO, h + (long)(b) * si, pi, w, z_out + (long)(b) * ho * ho * CO, ho)
-    GROUPS(a, e, FWD);
+        GROUPS(a, e, FWD);
 #undef FWD
+    }
+#if BF16
+    else { /* the slice's grids in bf16, then the conv on them */
+        bf16 *hb = malloc((size_t)((e - a) * si + 1) * sizeof(bf16));
+        to_bf16(h + a * si, hb, (e - a) * si);
+#define FWD(g, b) \
+    conv3x3_fwd_bf16(g, CI, CO, hb + ((long)(b) - a) * si, pi, wb, z_out + (long)(b) * ho * ho * CO, ho)
+        GROUPS(a, e, FWD);
+#undef FWD
+        free(hb);
+    }
+#endif
     if (!given) channel_sums(z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, 0, sums);
 }
 
@@ -237,9 +271,9 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
 int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, const float *w1, const float *g1,
                     const float *b1, const float *w2, const float *g2, const float *b2, const float *w3, const float *g3,
                     const float *b3, float *xp, float *z1, float *h1, float *z2, float *h2, float *z3, float *h3,
-                    float *stats, float *feats) {
+                    float *stats, float *feats, int bf16) {
     FWeights W;
-    if (!fload(&W, c1, c2, c3, w1, w2, w3)) return -1;
+    if (!fload(&W, c1, c2, c3, w1, w2, w3, bf16)) return -1;
     float part[FPARTS * SMAX];
     float *mean1 = stats, *var1 = stats + SMAX, *mean2 = stats + 2 * SMAX, *var2 = stats + 3 * SMAX,
           *mean3 = stats + 4 * SMAX, *var3 = stats + 5 * SMAX;
@@ -258,11 +292,13 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
     /* BN1 + ReLU into zero-bordered grids, conv2; the same for BN2 and conv3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, c1, c2, 14, 7, z1, mean1, var1, g1, b1, h1, W.w2, z2, part + k * SMAX);
+        fwd_layer(n, k, given, c1, c2, 14, 7, z1, mean1, var1, g1, b1, h1, W.w2, W.bmem ? W.b2 : NULL, z2,
+                  part + k * SMAX);
     if (!given) batch_stats(n, z2, 49, c2, part, mean2, var2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, c2, c3, 7, 4, z2, mean2, var2, g2, b2, h2, W.w3, z3, part + k * SMAX);
+        fwd_layer(n, k, given, c2, c3, 7, 4, z2, mean2, var2, g2, b2, h2, W.w3, W.bmem ? W.b3 : NULL, z3,
+                  part + k * SMAX);
     if (!given) batch_stats(n, z3, 16, c3, part, mean3, var3);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
@@ -273,6 +309,7 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
                 for (int c = 0; c < c3; c++) feats[j * 16 * c3 + c * 16 + p] = h3[(j * 16 + p) * c3 + c];
     }
     free(W.mem);
+    free(W.bmem);
     return 0;
 }
 
@@ -337,7 +374,8 @@ static void reduce_sums(const float *parts, int C, float *tot) {
  * BatchNorm backward (gy_out, rows of CO, in place), the conv's (CI -> CO, input side hi,
  * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
  * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums). */
-INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, float *gy_out,
+INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, const void *wtb,
+                       float *gy_out,
                        const float *z_out, const float *mean_o, const float *inv_o, const float *gamma_o,
                        const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in, const float *mean_i,
                        const float *inv_i, float *sums) {
@@ -346,10 +384,29 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
                   tot_o, n * (float)(ho * ho));
     memset(gh + a * si, 0, (e - a) * si * sizeof(float));
     memset(d, 0, 9 * CI * (CO / 16) * sizeof(vec));
+    if (!wtb) {
 #define BACK(g, b) \
     conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * ho * ho * CO, ho, d, gh + (long)(b) * si)
-    GROUPS(a, e, BACK);
+        GROUPS(a, e, BACK);
 #undef BACK
+    }
+#if BF16
+    else { /* the slice's input grids and output gradients in bf16, then the conv's backward on them */
+        const long so = (long)ho * ho * CO;
+        bf16 *hb = malloc((size_t)((e - a) * si + (e - a) * so + 1) * sizeof(bf16)), *gb = hb + (e - a) * si;
+        unsigned *hp = malloc((size_t)(((e - a + 1) / 2) * si + 1) * sizeof(unsigned));
+        to_bf16(h_in + a * si, hb, (e - a) * si);
+        to_bf16(gy_out + a * so, gb, (e - a) * so);
+        pair_images(hb, e - a, si, hp); /* groups start at even offsets from a: their pairs are these */
+#define BACK(g, b)                                                                                            \
+    conv3x3_bwd_bf16(g, CI, CO, hp + ((long)(b) - a) / 2 * si, pi, wtb, gy_out + (long)(b) * so,               \
+                     gb + ((long)(b) - a) * so, ho, d, gh + (long)(b) * si)
+        GROUPS(a, e, BACK);
+#undef BACK
+        free(hp);
+        free(hb);
+    }
+#endif
     for (long j = a; j < e; j++)
         for (int p = 0; p < hi * hi; p++)
             memcpy(gy_in + (j * hi * hi + p) * CI, gh + j * si + ((p / hi + 1) * pi + p % hi + 1) * CI, CI * sizeof(float));
@@ -366,13 +423,15 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
                      const float *w3, const float *g3, const float *xp, const float *z1, const float *h1,
                      const float *z2, const float *h2, const float *z3, const float *h3, const float *stats,
                      const float *gfeat, float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1,
-                     float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3) {
+                     float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3,
+                     int bf16) {
     FWeights W;
-    if (!fload(&W, c1, c2, c3, w1, w2, w3)) return -1;
+    if (!fload(&W, c1, c2, c3, w1, w2, w3, bf16)) return -1;
     const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     vec *d = aligned_alloc(64, FPARTS * (n1 + n2 + n3) * sizeof(vec)); /* each slice's weight gradients */
     if (!d) {
         free(W.mem);
+        free(W.bmem);
         return -1;
     }
     vec *d1 = d, *d2 = d1 + FPARTS * n1, *d3 = d2 + FPARTS * n2; /* slice k at + k * n1, n2, n3 */
@@ -396,12 +455,12 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
+        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, W.bmem ? W.b3t : NULL, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
                    inv2, part + k * 2 * SMAX);
     reduce_sums(part, c2, tot2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
+        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, W.bmem ? W.b2t : NULL, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
                    inv1, part + k * 2 * SMAX);
     reduce_sums(part, c1, tot1);
     /* conv1 backward (weights only) */
@@ -458,6 +517,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
         gg3[c] = tot3[SMAX + c];
     }
     free(W.mem);
+    free(W.bmem);
     free(d);
     return 0;
 }
