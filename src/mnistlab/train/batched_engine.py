@@ -10,8 +10,8 @@ member. One step of N members costs one set of kernel launches instead of N.
 Each member draws its random numbers as the kernel engine does for its seed alone (weights from
 :func:`mnistlab.kernels.fastcnn.init_state`, its own NumPy shuffling generator, its own
 ``torch.Generator`` for augmentation) and trains on its own images (``subsample`` draws each
-member's subset), so a member ends as the same seed trained alone, to float rounding (the
-kernels and PyTorch's convolutions add in other orders). A member whose loss stops being finite
+member's subset), so a member ends as the same seed trained alone up to rounding (the kernels
+and PyTorch's convolutions add in other orders, and training amplifies it). A member whose loss stops being finite
 is left out of the loss from the next epoch on (:meth:`BatchedEngine.drop`); the others go on.
 """
 
