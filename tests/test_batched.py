@@ -149,6 +149,8 @@ def test_a_batch_killed_between_saves_settles_on_one_epoch(tmp_path, small_dir, 
     (["--batched"], "give --seeds too"),
     (["--seeds", "0,1", "--batched", "--model", "cnn"], "--batched: batched training takes fastcnn, widecnn"),
     (["--seeds", "0,1", "--batched", "--storage", "sqlite:///x.db"], "leave out --storage"),
+    (["--seeds", "0,1", "--batched", "--precision", "bf16", "--preset", "fast"], "--batched trains in fp32"),
+    (["--seeds", "0,1", "--batched", "--sync-bn", "--preset", "fast"], "--batched trains in fp32 in one process"),
 ])
 def test_batched_refusals_are_one_line(tmp_path, small_dir, capsys, args, message):
     assert main(["train", *args, "--data-dir", str(small_dir), "--out", str(tmp_path / "r")]) == 2

@@ -97,3 +97,18 @@ def test_the_fp32_kernels_stay_where_bf16_is_not_asked(monkeypatch, small_dir, t
                  "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert main(["train", "--preset", "fast", "--epochs", "1", "--data-dir", str(small_dir),
                  "--out", str(tmp_path / "ok"), "--device", "cpu"]) == 0
+
+
+def test_bf16_is_refused_where_autograd_trains(tmp_path, small_dir):
+    import mnistlab
+    from mnistlab.config import TrainConfig
+    from mnistlab.errors import UsageError
+
+    x = np.zeros((4, 784), np.uint8)
+    with pytest.raises(UsageError, match="fit trains the model it is handed with autograd, in fp32"):
+        mnistlab.fit(mnistlab.create_model("fastcnn"), x, np.zeros(4, np.int64), x, np.zeros(4, np.int64), epochs=1,
+                     precision="bf16")
+    with pytest.raises(UsageError, match="--precision bf16 runs on the kernels engine"):
+        mnistlab.train_run(TrainConfig(model="cnn", epochs=1, precision="bf16", data_dir=str(small_dir),
+                                       device="cpu"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -68,6 +68,9 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
         configs, stopped = [replace(config, seed=s) for s in seeds], {}
     else:
         raise UsageError(f"unknown mode {mode!r} for a batch; expected {START} or {RESUME}")
+    first = configs[0]
+    if first.precision != "fp32" or first.nproc > 1 or first.sync_bn:
+        raise UsageError("--batched trains in fp32 in one process; leave out --precision bf16, --nproc and --sync-bn")
     device = resolve_device(configs[0].device)
     if device == "cuda":
         set_deterministic(configs[0].deterministic)

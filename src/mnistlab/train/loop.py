@@ -93,6 +93,9 @@ def fit(model, x_train, y_train, x_valid, y_valid, config: TrainConfig | None = 
         config = TrainConfig.from_dict(overrides)
     elif overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    if config.precision != "fp32":
+        raise UsageError("fit trains the model it is handed with autograd, in fp32; --precision bf16 is the kernel "
+                         "engine's (train_run with a fastcnn or widecnn config)")
     engine = AutogradEngine(model, config, resolve_device(config.device))
     history = History()
     history.valid_proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch,
