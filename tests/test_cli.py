@@ -332,3 +332,14 @@ def test_no_progress_bar_means_no_tqdm():
             "print(hook, 'tqdm' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["None", "False"], done.stderr
+
+
+def test_search_offers_only_its_own_options():
+    """Options of train alone (--precision, --drop-last, --batched) are not silently taken by search."""
+    from mnistlab.cli_args import build_parser
+
+    parser = build_parser()
+    for option in ("--precision", "--drop-last", "--batched", "--nondeterministic"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["search", "out", option])
+        assert parser.parse_args(["train", option] + (["bf16"] if option == "--precision" else []))

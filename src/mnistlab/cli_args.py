@@ -222,13 +222,6 @@ def _add_search(sub) -> None:
     p.add_argument("--split", default=TUNING_SPLITS[0], type=tuning_split, metavar="|".join(TUNING_SPLITS),
                    help=f"{', '.join(TUNING_SPLITS)}: the training images alone; the other splits' validation parts "
                         f"hold the test images, so a search never runs on them (default: {TUNING_SPLITS[0]})")
-    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="bf16: the kernel engine's 3x3 convolutions from bf16 operands summed in fp32, on CPUs with "
-                        f"AVX512-BF16; weights, gradients and the update stay fp32 (default: {default('precision')})")
-    p.add_argument("--drop-last", action="store_true", default=None,
-                   help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
-                        "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "
-                        "replayed (default: off, the last batch is smaller)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the sampler and of every trial's run (default: 0)")
     p.add_argument("--data-dir", default=None, help="folder with four MNIST-format IDX files (default: MNIST)")
