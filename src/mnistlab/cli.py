@@ -129,11 +129,11 @@ def _train_seeds(args) -> int:
         raise UsageError("--seeds trains one process per run; leave out --nproc")
     config = _train_config(args)
     out = Path(args.out) if args.out else default_run_dir(config.model)
+    if args.batched and args.storage is not None:
+        raise UsageError("--batched trains the seeds together in this process; leave out --storage")
     queued = f" queued in {args.storage}" if args.storage is not None else ""
     print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}{queued}: {describe_recipe(config)}; "
           f"runs in {out}", flush=True)
-    if args.batched and args.storage is not None:
-        raise UsageError("--batched trains the seeds together in this process; leave out --storage")
     hooks = _seed_hooks(config)
     try:
         if args.storage is not None:

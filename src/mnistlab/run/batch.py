@@ -56,9 +56,9 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
     if mode == RESUME:
         if not (out / BATCH).is_file():
             raise UsageError(f"--resume {out}: no {BATCH}; not a batch of runs")
-        record = read_json(out / BATCH)
-        seeds, stopped = record["seeds"], {int(k): v for k, v in record["stopped"].items()}
-        _settle(out, record.get("epoch", 0), seeds)
+        batch = read_json(out / BATCH)
+        seeds, stopped = batch["seeds"], {int(k): v for k, v in batch["stopped"].items()}
+        _settle(out, batch["epoch"], seeds)
         configs = [read_config(member_dir(out, s)) for s in seeds]
         if all((member_dir(out, s) / SUMMARY).exists() for s in seeds if s not in stopped):
             raise UsageError(f"--resume {out}: the batch already finished")
@@ -66,19 +66,20 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
         if not seeds or len(set(seeds)) != len(seeds):
             raise UsageError(f"seeds must be distinct, got {list(seeds or [])}")
         configs, stopped = [replace(config, seed=s) for s in seeds], {}
+        batch = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "epoch": 0, "stopped": {}}
     else:
         raise UsageError(f"unknown mode {mode!r} for a batch; expected {START} or {RESUME}")
     first = configs[0]
     if first.precision != "fp32" or first.nproc > 1 or first.sync_bn:
         raise UsageError("--batched trains in fp32 in one process; leave out --precision bf16, --nproc and --sync-bn")
-    device = resolve_device(configs[0].device)
+    device = resolve_device(first.device)
     if device == "cuda":
-        set_deterministic(configs[0].deterministic)
+        set_deterministic(first.deterministic)
     phases = Phases()  # shared: the members' phases are the batch's
     with phases("data"):
-        ds = dataset if dataset is not None else load_dataset(configs[0].data_dir)
+        ds = dataset if dataset is not None else load_dataset(first.data_dir)
         parts = [load_split(c, ds) for c in configs]
-        if configs[0].subsample == 1:  # every member trains on the same images: one copy of them
+        if first.subsample == 1:  # every member trains on the same images: one copy of them
             parts = [parts[0]] * len(parts)
     try:
         engine = BatchedEngine(configs, ds.num_classes, device)
@@ -98,17 +99,24 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
             raise UsageError(f"--resume {out}: its members stopped at different epochs ({sorted(epochs_done)})")
     else:
         _start(out, configs, device, ds, force, phases)
-        write_json_atomic(out / BATCH, {"config": {**configs[0].to_dict(), "seed": None}, "seeds": list(seeds),
-                                        "epoch": 0, "stopped": {}})
+        _write_record(out, batch, stopped)
     writers = [RunWriter(c, member_dir(out, c.seed), h, phases) for c, h in zip(configs, histories, strict=True)]
-    return _epochs(engine, configs, parts, writers, out, stopped, phases, ds.num_classes, on_epoch, on_run, on_stop)
+    return _epochs(engine, configs, parts, writers, out, batch, stopped, phases, ds.num_classes, on_epoch, on_run,
+                   on_stop)
 
 
-def _commit(out: Path, epoch: int, run_dirs: list[Path]) -> None:
+def _write_record(out: Path, batch: dict, stopped: dict[int, str]) -> None:
+    """``batch.json``: the recipe, the seeds, the epoch committed and the members stopped early."""
+    batch["stopped"] = {str(k): v for k, v in stopped.items()}
+    write_json_atomic(out / BATCH, batch)
+
+
+def _commit(out: Path, batch: dict, stopped: dict[int, str], epoch: int, run_dirs: list[Path]) -> None:
     """Every member's epoch ``epoch`` saved (staged), the batch moves to it: ``batch.json`` says so
     first, then each staged checkpoint takes its place. A batch killed in between is settled by
     :func:`_settle` when resumed, so its members never stand at different epochs."""
-    write_json_atomic(out / BATCH, {**read_json(out / BATCH), "epoch": epoch})
+    batch["epoch"] = epoch
+    _write_record(out, batch, stopped)
     for run_dir in run_dirs:
         os.replace(run_dir / checkpoint.STAGED, run_dir / checkpoint.STATE)
 
@@ -139,7 +147,7 @@ def _start(out: Path, configs: list[TrainConfig], device: str, ds: Dataset, forc
             plots.save(example, run_dir / "example.png")
 
 
-def _epochs(engine, configs, parts, writers, out, stopped, phases, num_classes, on_epoch, on_run,
+def _epochs(engine, configs, parts, writers, out, batch, stopped, phases, num_classes, on_epoch, on_run,
             on_stop) -> dict[int, RunResult]:
     """The epochs left, each member checked and saved on its own, then each finished member's end."""
     config, seeds = configs[0], [c.seed for c in configs]
@@ -163,8 +171,7 @@ def _epochs(engine, configs, parts, writers, out, stopped, phases, num_classes, 
             except TrainingDiverged as exc:
                 engine.drop(i)
                 stopped[seed] = str(exc)
-                write_json_atomic(out / BATCH, {**read_json(out / BATCH), "stopped": {str(k): v for k, v in
-                                                                                       stopped.items()}})
+                _write_record(out, batch, stopped)
                 if on_stop is not None:
                     on_stop(seed, str(exc))
                 continue
@@ -173,7 +180,8 @@ def _epochs(engine, configs, parts, writers, out, stopped, phases, num_classes, 
             writer.history.epochs.append(record)
             arrays, meta = engine.state_of(i)
             writer.epoch(record, arrays, {**meta, "engine": engine.name}, checkpoint.STAGED)
-        _commit(out, epoch, [w.run_dir for s, w in zip(seeds, writers, strict=True) if s not in stopped])
+        _commit(out, batch, stopped, epoch, [w.run_dir for s, w in zip(seeds, writers, strict=True)
+                                            if s not in stopped])
         for seed, writer in zip(seeds, writers, strict=True):
             if seed not in stopped and on_epoch is not None:
                 on_epoch(seed, writer.history.epochs[-1])

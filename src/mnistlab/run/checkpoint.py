@@ -80,15 +80,9 @@ def read_state(directory: str | os.PathLike, arrays: bool = True,
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()} if arrays else {}
     except FileNotFoundError:
-        raise RunError(f"{directory}: no {STATE}; no epoch finished, nothing to resume") from None
+        raise RunError(f"{directory}: no {name}; no epoch finished, nothing to resume") from None
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path}: unreadable checkpoint ({first_line(exc)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("epochs"), list):
         raise RunError(f"{path}: unreadable checkpoint (no per-epoch metrics)")
     return meta, tensors
-
-
-def prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """The arrays whose names start with ``prefix + '.'``, without it."""
-    cut = len(prefix) + 1
-    return {k[cut:]: v for k, v in arrays.items() if k.startswith(prefix + ".")}

@@ -32,7 +32,7 @@ from ..models import FastCNN
 from .augment import AUGMENTS
 from .engine import BATCHED, prefixed
 from .optim import SGD
-from .schedule import learning_rate, steps_per_epoch
+from .schedule import average_decay, learning_rate, steps_per_epoch
 
 CONVS = (("features.0", "features.1", 5), ("features.3", "features.4", 3), ("features.6", "features.7", 3))
 EVAL_IMAGES = 4096  # images x members per evaluation chunk
@@ -133,9 +133,9 @@ class BatchedEngine:
 
     @torch.no_grad()
     def _average(self) -> None:
-        """The weight average, as the kernel engine computes it (decay rising as (1 + t) / (10 + t))."""
+        """The weight average, as the kernel engine computes it (:func:`~.schedule.average_decay`)."""
         self.average_steps += 1
-        weight = 1 - min(self.config.ema, (1 + self.average_steps) / (10 + self.average_steps))
+        weight = 1 - average_decay(self.config.ema, self.average_steps)
         names = list(self.average)
         torch._foreach_lerp_([self.average[k] for k in names], [self.state[k].detach() for k in names], weight)
 

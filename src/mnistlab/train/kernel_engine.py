@@ -19,7 +19,7 @@ from ..kernels import fastcnn
 from ..metrics import log_softmax
 from .allocator import keep_freed_memory
 from .engine import KERNELS, prefixed
-from .schedule import learning_rate, steps_per_epoch
+from .schedule import average_decay, learning_rate, steps_per_epoch
 
 
 class KernelEngine:
@@ -139,7 +139,7 @@ class _Average:
 
     def update(self, params: dict[str, np.ndarray]) -> None:
         self.steps += 1
-        weight = np.float32(1 - min(self.decay, (1 + self.steps) / (10 + self.steps)))
+        weight = np.float32(1 - average_decay(self.decay, self.steps))
         for k, avg in self.params.items():
             if avg.dtype.kind == "f":
                 avg += weight * (params[k] - avg)

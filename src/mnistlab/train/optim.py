@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import average_decay
+
 
 class SGD:
     """``torch.optim.SGD(params, lr, momentum, nesterov=..., weight_decay=...)``, same arithmetic."""
@@ -112,7 +114,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        decay = average_decay(self.decay, self.steps)
         avg, cur = self.model.state_dict(), model.state_dict()
         floats = [k for k, v in avg.items() if v.is_floating_point()]
         torch._foreach_lerp_([avg[k] for k in floats], [cur[k] for k in floats], 1 - decay)

@@ -12,6 +12,12 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+def average_decay(decay: float, steps: int) -> float:
+    """The weight average's decay after ``steps`` updates: ``decay``, or less over the first steps
+    (``(1 + t) / (10 + t)``), so that short runs are not anchored to the initial weights."""
+    return min(decay, (1 + steps) / (10 + steps))
+
+
 def learning_rate(schedule: str, peak: float, step: int, total: int, warmup: float = 0.25) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of ``total``.
 
