@@ -278,3 +278,12 @@ def test_storage_urls_are_checked_and_passwords_never_printed():
     assert redact("postgresql://me:hunter2@db:5432/x") == "postgresql://me:***@db:5432/x"
     with pytest.raises(UsageError, match="expected sqlite"):
         storage_url(".", "redis://localhost")
+
+
+def test_a_space_base_takes_its_models_own_sgd_values():
+    """Without a preset, a base naming a model gets that model's learning rate and momentum, as
+    ``train --model`` does; unknown settings are refused."""
+    assert search.base_config({"model": "linear"}).lr == 0.5
+    assert search.base_config({"preset": "fast", "lr": 0.2}).lr == 0.2
+    with pytest.raises(UsageError, match="base: unknown setting 'colour'"):
+        search.base_config({"colour": 1})

@@ -110,6 +110,7 @@ class TrainConfig:
         """The preset's values (see ``PRESETS``), then ``overrides`` (``None`` values are ignored)."""
         if name is not None and name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+        _refuse_unknown(overrides)
         values = dict(PRESETS[name]) if name is not None else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values, preset=name)
@@ -166,11 +167,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The config these values make; an unknown setting is refused (``RECORDED`` keys are skipped)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - set(RECORDED))
-        if unknown:
-            raise UsageError(f"unknown setting {unknown[0]!r}; expected some of: {', '.join(sorted(known))}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        _refuse_unknown(d)
+        return cls(**{k: v for k, v in d.items() if k not in RECORDED})
+
+
+def _refuse_unknown(values: dict) -> None:
+    """A one-line error for a key that is no TrainConfig setting (``RECORDED`` keys pass)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known - set(RECORDED))
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r}; expected some of: {', '.join(sorted(known))}")
 
 
 def check_device(name) -> None:

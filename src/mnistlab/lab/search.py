@@ -97,8 +97,7 @@ def base_config(values: dict, where: str = "space") -> TrainConfig:
     and device are the search's own)."""
     values = {k: v for k, v in values.items() if k not in ("seed", "split", "data_dir", "device")}
     try:
-        preset = TrainConfig.from_preset(values.pop("preset", None))
-        return TrainConfig.from_dict({**preset.to_dict(), **values})
+        return TrainConfig.from_preset(values.pop("preset", None), **values)
     except UsageError as exc:
         raise UsageError(f"{where}: base: {exc}") from None
 
