@@ -134,7 +134,7 @@ def _train_seeds(args) -> int:
     queued = f" queued in {args.storage}" if args.storage is not None else ""
     print(f"training {config.model} with seeds {', '.join(map(str, args.seeds))}{queued}: {describe_recipe(config)}; "
           f"runs in {out}", flush=True)
-    hooks = _seed_hooks(config)
+    hooks = _seed_hooks(config.epochs)
     try:
         if args.storage is not None:
             summary = train_queued_seeds(config, list(args.seeds), out, args.storage, args.study, **hooks)
@@ -151,10 +151,11 @@ def _train_seeds(args) -> int:
 
 def _resume_batch(args) -> int:
     from .lab.seeds import resume_batch
+    from .run.batch import batch_epochs
 
     print(f"resuming the batch in {args.resume}", flush=True)
     try:
-        summary = resume_batch(args.resume, **_seed_hooks(None), **_stop_hook())
+        summary = resume_batch(args.resume, **_seed_hooks(batch_epochs(args.resume)), **_stop_hook())
     except KeyboardInterrupt:
         print(f"\ninterrupted; resume with mnistlab train --resume {args.resume}", file=sys.stderr)
         return 130
@@ -181,7 +182,7 @@ def _stop_hook() -> dict:
     return {"on_stop": on_stop}
 
 
-def _seed_hooks(config) -> dict:
+def _seed_hooks(epochs: int) -> dict:
     """What a seed sweep prints: each epoch's line and each finished run's, led by the seed."""
 
     def on_run(seed, result) -> None:
@@ -190,7 +191,6 @@ def _seed_hooks(config) -> dict:
               f"trained in {s['train_seconds']:.1f}s -> {result.run_dir}", flush=True)
 
     def on_epoch(seed: int, r: dict) -> None:
-        epochs = config.epochs if config is not None else "?"
         print(f"seed {seed} {epoch_line(r, epochs)}", flush=True)
 
     return {"on_run": on_run, "on_epoch": on_epoch}

@@ -35,6 +35,11 @@ def is_batch(path: str | os.PathLike) -> bool:
     return (Path(path) / BATCH).is_file()
 
 
+def batch_epochs(out: str | os.PathLike) -> int:
+    """The epochs each member of the batch in ``out`` trains."""
+    return int(read_json(Path(out) / BATCH)["config"]["epochs"])
+
+
 def member_dir(out: Path, seed: int) -> Path:
     return out / f"seed-{seed}"
 

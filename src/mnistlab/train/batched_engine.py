@@ -178,7 +178,7 @@ class BatchedEngine:
         """Every member's class probabilities (N, V, C) on ``x`` (averaged over TTA's shifts with ``tta``)."""
         views = [shift_images(x, dy, dx) for dy, dx in TTA_SHIFTS] if tta else [x]
         with np.errstate(all="ignore"):
-            total = sum(np.exp(log_softmax_rows(self._eval_logits(v, self.state))) for v in views)
+            total = sum(np.exp(log_softmax(self._eval_logits(v, self.state))) for v in views)
         return (total / len(views)).astype(np.float32)
 
     def weights(self, member: int) -> dict[str, np.ndarray]:
@@ -236,8 +236,3 @@ class BatchedEngine:
             self.shuffles[i].bit_generator.state = meta["shuffle"]
             if self.augment is not None:
                 self.generators[i].set_state(torch.from_numpy(np.array(arrays["augment_rng"], np.uint8)))
-
-
-def log_softmax_rows(z: np.ndarray) -> np.ndarray:
-    """:func:`mnistlab.metrics.log_softmax` over the last axis of (N, V, C) logits."""
-    return np.stack([log_softmax(m) for m in z])
