@@ -184,3 +184,11 @@ def test_a_member_is_used_as_any_run_and_resumed_only_with_its_batch(tmp_path, s
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["valid_acc"] == json.loads((out / "seed-0" / "summary.json").read_text())["valid_acc"]
     assert main(["ensemble", str(out / "seed-0"), str(out / "seed-1")]) == 0
+
+
+def test_a_damaged_batch_record_is_one_line(tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / BATCH).write_text("{not json")
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{BATCH}: unreadable" in err, err
