@@ -1,5 +1,5 @@
-"""The kernels' bf16 convolutions (AVX512-BF16): each of conv2's and conv3's products against the
-same product computed exactly (float64) from the bf16-rounded operands, and training with them."""
+"""The kernels' bf16 convolutions (AVX512-BF16): each of conv1's, conv2's and conv3's products against
+the same product computed exactly (float64) from the bf16-rounded operands, and training with them."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("widths", [(16, 32, 64), (32, 64, 128), (16, 48, 32)])
 def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widths):
-    """Forward (conv2, conv3 outputs), weights' gradients and inputs' gradients of both 3x3 convs:
+    """Forward (conv1, conv2, conv3 outputs), the three weights' gradients and both 3x3 convs' inputs' gradients:
     the kernels' sums of bf16 products equal float64 sums of the same rounded operands to fp32
     summation rounding (1e-5), where the fp32 kernels differ by bf16's rounding (1e-3)."""
     n = 37  # not a multiple of the images in flight, nor of the image pairs
@@ -49,8 +49,14 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
         calls.fastcnn_backward(params[:9], saved, stats, gfeat, grads, scratch, bf16=bf16)
         runs[bf16] = ([s.copy() for s in saved], grads, scratch)
     saved, grads, scratch = runs[True]
-    _, z1, h1, z2, h2, z3, _ = saved
-    gy3, gh2, gy2, gh1, _ = scratch
+    xp, z1, h1, z2, h2, z3, _ = saved
+    gy3, gh2, gy2, gh1, gy1 = scratch
+    # conv1 on the standardised input in its zero-bordered 31x31 grid
+    w1r = _bf16(params[0]).requires_grad_()
+    z1x = F.conv2d(_bf16(_grid(xp, n, 31, 1)), w1r, stride=2)
+    assert _rel(_grid(z1, n, 14, c1), z1x.detach()) < 1e-5
+    z1x.backward(_bf16(_grid(gy1, n, 14, c1)))
+    assert _rel(grads[0], w1r.grad) < 1e-5
     w2, w3 = _bf16(params[3]), _bf16(params[6])
     # forward: the 15x15 and 9x9 grids hold the zero padding conv2 and conv3 read
     h1g, h2g = _bf16(_grid(h1, n, 15, c1)).requires_grad_(), _bf16(_grid(h2, n, 9, c2)).requires_grad_()
@@ -65,6 +71,7 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
     # and the fp32 kernels' results differ from them by bf16's rounding, no more
     fp32_saved, fp32_grads, _ = runs[False]
     assert 1e-4 < _rel(fp32_saved[3], z2) < 2e-2 and 1e-4 < _rel(fp32_grads[6], grads[6]) < 0.1
+    assert 1e-4 < _rel(fp32_saved[1], z1) < 2e-2 and 1e-4 < _rel(fp32_grads[0], grads[0]) < 0.1
 
 
 def test_training_with_bf16_convolutions_learns_as_fp32(tmp_path, mnist):

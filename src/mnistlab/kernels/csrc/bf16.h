@@ -38,20 +38,33 @@ static void to_bf16(const float *src, bf16 *dst, long n) {
 /* The 3x3 conv weights (CO, CI, 3, 3) as pair-interleaved bf16 vectors: fwd [tap][CI/2][CO/16]
  * (input pairs), bwd [tap][CO/2][CI/16] (output pairs), for the input's gradient. */
 static void pack_bf16(int CI, int CO, const float *w, __m512i *fwd, __m512i *bwd) {
-    bf16 *f = (bf16 *)fwd, *b = (bf16 *)bwd;
-    for (int o = 0; o < CO; o++)
-        for (int i = 0; i < CI; i++)
-            for (int t = 0; t < 9; t++) {
-                bf16 v = f2bf(w[(o * CI + i) * 9 + t]);
-                f[(((long)t * (CI / 2) + i / 2) * (CO / 16) + o / 16) * 32 + (o % 16) * 2 + i % 2] = v;
-                b[(((long)t * (CO / 2) + o / 2) * (CI / 16) + i / 16) * 32 + (i % 16) * 2 + o % 2] = v;
-            }
+    bf16 *f = (bf16 *)fwd, *b = (bf16 *)bwd; /* written in order, taps shared by the threads */
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < 9; t++) {
+        bf16 *ft = f + (long)t * CI * CO, *bt = b + (long)t * CO * CI;
+        for (int i = 0; i < CI; i += 2)
+            for (int o = 0; o < CO; o++)
+                for (int k = 0; k < 2; k++) ft[(long)i * CO + 2 * o + k] = f2bf(w[(o * CI + i + k) * 9 + t]);
+        for (int o = 0; o < CO; o += 2)
+            for (int i = 0; i < CI; i++)
+                for (int k = 0; k < 2; k++) bt[(long)o * CI + 2 * i + k] = f2bf(w[((o + k) * CI + i) * 9 + t]);
+    }
 }
 
 INLINE __m512bh bcast_pair(const bf16 *p) {
     unsigned pair;
     memcpy(&pair, p, 4);
     return (__m512bh)_mm512_set1_epi32((int)pair);
+}
+
+/* The interleaving of two images' output gradients, lane by lane: cvtne2ps(b, a) puts a's 16 lanes
+ * below b's; this permutation makes bf16 pair k (a_k, b_k). */
+INLINE __m512i lace_pairs(void) {
+    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+                            19, 3, 18, 2, 17, 1, 16, 0);
+}
+INLINE __m512bh laced(__m512i lace, __m512 a, __m512 b) {
+    return (__m512bh)_mm512_permutexvar_epi16(lace, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
 /* conv3x3_fwd with bf16 operands: `in` the g images' grids in bf16, w as pack_bf16's fwd. */
@@ -94,8 +107,7 @@ static void pair_images(const bf16 *in, long images, long len, unsigned *out) {
 INLINE void conv3x3_bwd_bf16(int g, int CI, int CO, const unsigned *in, int pi, const __m512i *wt, const float *gz,
                              const bf16 *gzb, int ho, vec *d, float *gin) {
     const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
-    const __m512i lace = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lace = lace_pairs();
     __m512bh gp[SMAX / 16][(G + 1) / 2]; /* the output gradient of image pairs, lanes interleaved */
     for (int oy = 0; oy < ho; oy++)
         for (int ox = 0; ox < ho; ox++) {
@@ -104,7 +116,7 @@ INLINE void conv3x3_bwd_bf16(int g, int CI, int CO, const unsigned *in, int pi, 
                 for (int q = 0; 2 * q < g; q++) {
                     __m512 a = _mm512_loadu_ps(gz + 2 * q * so + pos + c * 16);
                     __m512 b = 2 * q + 1 < g ? _mm512_loadu_ps(gz + (2 * q + 1) * so + pos + c * 16) : _mm512_setzero_ps();
-                    gp[c][q] = (__m512bh)_mm512_permutexvar_epi16(lace, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+                    gp[c][q] = laced(lace, a, b);
                 }
             for (int ky = 0; ky < 3; ky++)
                 for (int kx = 0; kx < 3; kx++) {
@@ -133,6 +145,82 @@ INLINE void conv3x3_bwd_bf16(int g, int CI, int CO, const unsigned *in, int pi, 
                     }
                 }
         }
+}
+
+
+/* n floats (any n) to bf16 */
+static void to_bf16_any(const float *src, bf16 *dst, long n) {
+    long i = n / 16 * 16;
+    to_bf16(src, dst, i);
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+    }
+}
+
+/* conv1's weights (C1, 1, 5, 5) as bf16 pairs of horizontally adjacent taps, [row][pair][C1/16]:
+ * taps (ky, 2p) and (ky, 2p + 1), the sixth column 0. */
+static void pack_conv1_bf16(int C1, const float *w, __m512i *out) {
+    bf16 *f = (bf16 *)out;
+    for (int ky = 0; ky < 5; ky++)
+        for (int p = 0; p < 3; p++)
+            for (int o = 0; o < C1; o++)
+                for (int k = 0; k < 2; k++) {
+                    const int kx = 2 * p + k;
+                    f[(long)(ky * 3 + p) * C1 * 2 + 2 * o + k] = kx < 5 ? f2bf(w[o * 25 + ky * 5 + kx]) : 0;
+                }
+}
+
+/* conv1_fwd with bf16 operands: xb the g images' padded grids (XF x XF) in bf16 (one value past the
+ * last, 0), w as pack_conv1_bf16 packs it. Each pair of taps reads two adjacent pixels at once. */
+INLINE void conv1_fwd_bf16(int g, int C1, const bf16 *xb, const __m512i *w, float *z) {
+    for (int oy = 0; oy < 14; oy++)
+        for (int ox = 0; ox < 14; ox++)
+            for (int c = 0; c < C1 / 16; c++) {
+                __m512 acc[G];
+                for (int j = 0; j < g; j++) acc[j] = _mm512_setzero_ps();
+                for (int ky = 0; ky < 5; ky++)
+                    for (int p = 0; p < 3; p++) {
+                        __m512bh wv = (__m512bh)w[(ky * 3 + p) * (C1 / 16) + c];
+                        const bf16 *v = xb + (2 * oy + ky) * XF + 2 * ox + 2 * p;
+                        for (int j = 0; j < g; j++) acc[j] = _mm512_dpbf16_ps(acc[j], bcast_pair(v + j * XF * XF), wv);
+                    }
+                for (int j = 0; j < g; j++) _mm512_storeu_ps(z + ((long)j * 196 + oy * 14 + ox) * C1 + c * 16, acc[j]);
+            }
+}
+
+/* conv1's weights' gradient with bf16 operands for `images` images: xp their padded fp32 grids, gy
+ * (images, 196, C1) the gradient at conv1's output; adds into d ([tap][C1/16]). Two images at a
+ * time: their pixels as one 32-bit broadcast, their gradients interleaved lane by lane. */
+static void conv1_bwd_bf16(long images, int C1, const float *xp, const float *gy, vec *d, bf16 *scr) {
+    const long pairs = (images + 1) / 2, len = XF * XF;
+    bf16 *xb = scr; /* scratch: images * len + 1 values, then the pairs (4-byte aligned) */
+    unsigned *xq = (unsigned *)(scr + (images * len + 2) / 2 * 2);
+    to_bf16_any(xp, xb, images * len);
+    pair_images(xb, images, len, xq);
+    const __m512i lace = lace_pairs();
+    for (int c = 0; c < C1 / 16; c++) {
+        __m512 acc[25];
+        for (int t = 0; t < 25; t++) acc[t] = _mm512_setzero_ps();
+        for (long m = 0; m < pairs; m++) {
+            const unsigned *x = xq + m * len;
+            const float *lo = gy + 2 * m * 196 * C1 + c * 16, *hi = lo + 196 * C1;
+            const int two = 2 * m + 1 < images;
+            for (int oy = 0; oy < 14; oy++)
+                for (int ox = 0; ox < 14; ox++) {
+                    const int pos = (oy * 14 + ox) * C1;
+                    __m512bh gp = laced(lace, _mm512_loadu_ps(lo + pos), two ? _mm512_loadu_ps(hi + pos) : _mm512_setzero_ps());
+                    const unsigned *xc = x + 2 * oy * XF + 2 * ox;
+                    for (int ky = 0; ky < 5; ky++)
+                        for (int kx = 0; kx < 5; kx++)
+                            acc[ky * 5 + kx] = _mm512_dpbf16_ps(acc[ky * 5 + kx], (__m512bh)_mm512_set1_epi32((int)xc[ky * XF + kx]), gp);
+                }
+        }
+        for (int t = 0; t < 25; t++) {
+            float *dt = (float *)(d + t * (C1 / 16) + c);
+            _mm512_storeu_ps(dt, _mm512_add_ps(_mm512_loadu_ps(dt), acc[t]));
+        }
+    }
 }
 
 #else

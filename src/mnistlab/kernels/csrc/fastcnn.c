@@ -171,25 +171,48 @@ typedef struct {
     vec *w3;  /* [tap][C2 in][C3/16 output vectors] */
     vec *w3t; /* [tap][C3 out][C2/16 input vectors] */
     vec *mem;
-    void *b2, *b2t, *b3, *b3t; /* with bf16: conv2's and conv3's weights as bf16.h's pack_bf16 packs them */
+    /* with bf16: conv1's weights as bf16.h's pack_conv1_bf16 packs them, conv2's and conv3's as
+     * pack_bf16 does, and each slice's bf16 copies of its operands (scratch, slice k at + k * per) */
+    void *b1, *b2, *b2t, *b3, *b3t;
     void *bmem;
+    unsigned short *scratch;
+    long per;
 } FWeights;
 
 static long conv_vecs(int CI, int CO, int taps) { return (long)taps * CI * (CO / 16); }
 
 static int width_ok(int c) { return c > 0 && c <= SMAX && c % 16 == 0; }
 
+/* A 3x3 conv's weights w (CO, CI, 3, 3) as the kernels read them: fwd [tap][CI][CO] and bwd
+ * [tap][CO][CI] (rows of CO/16 or CI/16 vectors), written in order, taps shared by the threads. */
+static void pack_conv(int CI, int CO, const float *w, float *fwd, float *bwd) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < 9; t++) {
+        for (int i = 0; i < CI; i++)
+            for (int o = 0; o < CO; o++) fwd[((long)t * CI + i) * CO + o] = w[(o * CI + i) * 9 + t];
+        for (int o = 0; o < CO; o++)
+            for (int i = 0; i < CI; i++) bwd[((long)t * CO + o) * CI + i] = w[(o * CI + i) * 9 + t];
+    }
+}
+
 /* 1 on success; 0 (nothing to free) for widths the kernels do not take, for bf16 where this
  * build has no bf16 kernels, or where memory ran out. */
-static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3, int bf16) {
+static int fload(FWeights *W, int n, int c1, int c2, int c3, const float *w1, const float *w2, const float *w3,
+                 int bf16) {
     if (!width_ok(c1) || !width_ok(c2) || !width_ok(c3) || (bf16 && !BF16)) return 0;
     W->bmem = NULL;
 #if BF16
     if (bf16) {
-        long s2 = 9L * c1 * c2 * 2, s3 = 9L * c2 * c3 * 2; /* bytes of one packing */
-        W->bmem = aligned_alloc(64, 2 * (s2 + s3));
+        /* bytes of each packing; bf16 values a slice's image needs at most (bf16.h's conversions) */
+        long s1 = 15L * c1 * 4, s2 = 9L * c1 * c2 * 2, s3 = 9L * c2 * c3 * 2, u = 3L * XF * XF;
+        if (3L * Q1 * Q1 * c1 + 49L * c2 > u) u = 3L * Q1 * Q1 * c1 + 49L * c2;
+        if (3L * Q2 * Q2 * c2 + 16L * c3 > u) u = 3L * Q2 * Q2 * c2 + 16L * c3;
+        W->per = (n / FPARTS + 3) * u; /* a slice holds at most n / FPARTS + 1 images; one more for the pairs */
+        W->bmem = aligned_alloc(64, s1 + 2 * (s2 + s3) + FPARTS * W->per * 2);
         if (!W->bmem) return 0;
         W->b2 = W->bmem, W->b2t = (char *)W->b2 + s2, W->b3 = (char *)W->b2t + s2, W->b3t = (char *)W->b3 + s3;
+        W->b1 = (char *)W->b3t + s3, W->scratch = (unsigned short *)((char *)W->b1 + s1);
+        pack_conv1_bf16(c1, w1, W->b1);
         pack_bf16(c1, c2, w2, W->b2, W->b2t);
         pack_bf16(c2, c3, w3, W->b3, W->b3t);
     }
@@ -201,22 +224,11 @@ static int fload(FWeights *W, int c1, int c2, int c3, const float *w1, const flo
         return 0;
     }
     W->w1 = W->mem, W->w2 = W->w1 + n1, W->w2t = W->w2 + n2, W->w3 = W->w2t + n2, W->w3t = W->w3 + n3;
-    for (int o = 0; o < c1; o++)
-        for (int t = 0; t < 25; t++) set_lane(&W->w1[t * (c1 / 16) + o / 16], o % 16, w1[o * 25 + t]);
-    for (int o = 0; o < c2; o++)
-        for (int i = 0; i < c1; i++)
-            for (int t = 0; t < 9; t++) {
-                float v = w2[(o * c1 + i) * 9 + t];
-                set_lane(&W->w2[(t * c1 + i) * (c2 / 16) + o / 16], o % 16, v);
-                set_lane(&W->w2t[(t * c2 + o) * (c1 / 16) + i / 16], i % 16, v);
-            }
-    for (int o = 0; o < c3; o++)
-        for (int i = 0; i < c2; i++)
-            for (int t = 0; t < 9; t++) {
-                float v = w3[(o * c2 + i) * 9 + t];
-                set_lane(&W->w3[(t * c2 + i) * (c3 / 16) + o / 16], o % 16, v);
-                set_lane(&W->w3t[(t * c3 + o) * (c2 / 16) + i / 16], i % 16, v);
-            }
+    float *f1 = (float *)W->w1;
+    for (int t = 0; t < 25; t++)
+        for (int o = 0; o < c1; o++) f1[t * c1 + o] = w1[o * 25 + t];
+    pack_conv(c1, c2, w2, (float *)W->w2, (float *)W->w2t);
+    pack_conv(c2, c3, w3, (float *)W->w3, (float *)W->w3t);
     return 1;
 }
 
@@ -240,7 +252,7 @@ static void zero_border(float *h, long images, int side, int hi, int C) {
  * ho) into z_out, and (unless `given`) the slice's sums of z_out for the next statistics. */
 INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, const float *z_in, const float *mean,
                       const float *var, const float *gamma, const float *beta, float *h, const vec *w, const void *wb,
-                      float *z_out, float *sums) {
+                      unsigned short *scr, float *z_out, float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
     zero_border(h + a * si, e - a, pi, hi, CI);
     bn_relu(z_in + a * hi * hi * CI, e - a, hi, CI, mean, var, gamma, beta, h + a * si, pi, 1);
@@ -250,14 +262,12 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
 #undef FWD
     }
 #if BF16
-    else { /* the slice's grids in bf16, then the conv on them */
-        bf16 *hb = malloc((size_t)((e - a) * si + 1) * sizeof(bf16));
-        to_bf16(h + a * si, hb, (e - a) * si);
+    else { /* the slice's grids in bf16 (scr), then the conv on them */
+        to_bf16(h + a * si, scr, (e - a) * si);
 #define FWD(g, b) \
-    conv3x3_fwd_bf16(g, CI, CO, hb + ((long)(b) - a) * si, pi, wb, z_out + (long)(b) * ho * ho * CO, ho)
+    conv3x3_fwd_bf16(g, CI, CO, scr + ((long)(b) - a) * si, pi, wb, z_out + (long)(b) * ho * ho * CO, ho)
         GROUPS(a, e, FWD);
 #undef FWD
-        free(hb);
     }
 #endif
     if (!given) channel_sums(z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, 0, sums);
@@ -273,17 +283,30 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
                     const float *b3, float *xp, float *z1, float *h1, float *z2, float *h2, float *z3, float *h3,
                     float *stats, float *feats, int bf16) {
     FWeights W;
-    if (!fload(&W, c1, c2, c3, w1, w2, w3, bf16)) return -1;
+    if (!fload(&W, n, c1, c2, c3, w1, w2, w3, bf16)) return -1;
     float part[FPARTS * SMAX];
     float *mean1 = stats, *var1 = stats + SMAX, *mean2 = stats + 2 * SMAX, *var2 = stats + 3 * SMAX,
           *mean3 = stats + 4 * SMAX, *var3 = stats + 5 * SMAX;
     /* conv1 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
-        for (int b = fslice(n, k); b < fslice(n, k + 1); b++) pad_standardised(x + (long)b * 784, xp + (long)b * XF * XF);
+        const long a = fslice(n, k), e = fslice(n, k + 1);
+        for (long b = a; b < e; b++) pad_standardised(x + b * 784, xp + b * XF * XF);
+        if (!W.bmem) {
 #define C1(g, b) conv1_fwd(g, c1, xp + (long)(b) * XF * XF, W.w1, z1 + (long)(b) * 196 * c1)
-        GROUPS(fslice(n, k), fslice(n, k + 1), C1);
+            GROUPS(a, e, C1);
 #undef C1
+        }
+#if BF16
+        else { /* the slice's grids in bf16, one value past the last (read with a zero weight) */
+            unsigned short *xb = W.scratch + k * W.per; /* bf16 (the parameter bf16 hides the type) */
+            to_bf16_any(xp + a * XF * XF, xb, (e - a) * XF * XF);
+            xb[(e - a) * XF * XF] = 0;
+#define C1(g, b) conv1_fwd_bf16(g, c1, xb + ((long)(b) - a) * XF * XF, W.b1, z1 + (long)(b) * 196 * c1)
+            GROUPS(a, e, C1);
+#undef C1
+        }
+#endif
         if (!given)
             channel_sums(z1 + (long)fslice(n, k) * 196 * c1, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, c1, 0,
                          part + k * SMAX);
@@ -292,12 +315,14 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
     /* BN1 + ReLU into zero-bordered grids, conv2; the same for BN2 and conv3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, c1, c2, 14, 7, z1, mean1, var1, g1, b1, h1, W.w2, W.bmem ? W.b2 : NULL, z2,
+        fwd_layer(n, k, given, c1, c2, 14, 7, z1, mean1, var1, g1, b1, h1, W.w2, W.bmem ? W.b2 : NULL,
+                  W.bmem ? W.scratch + k * W.per : NULL, z2,
                   part + k * SMAX);
     if (!given) batch_stats(n, z2, 49, c2, part, mean2, var2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        fwd_layer(n, k, given, c2, c3, 7, 4, z2, mean2, var2, g2, b2, h2, W.w3, W.bmem ? W.b3 : NULL, z3,
+        fwd_layer(n, k, given, c2, c3, 7, 4, z2, mean2, var2, g2, b2, h2, W.w3, W.bmem ? W.b3 : NULL,
+                  W.bmem ? W.scratch + k * W.per : NULL, z3,
                   part + k * SMAX);
     if (!given) batch_stats(n, z3, 16, c3, part, mean3, var3);
 #pragma omp parallel for schedule(static)
@@ -375,7 +400,7 @@ static void reduce_sums(const float *parts, int C, float *tot) {
  * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
  * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums). */
 INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, const void *wtb,
-                       float *gy_out,
+                       unsigned short *scr, float *gy_out,
                        const float *z_out, const float *mean_o, const float *inv_o, const float *gamma_o,
                        const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in, const float *mean_i,
                        const float *inv_i, float *sums) {
@@ -391,10 +416,10 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
 #undef BACK
     }
 #if BF16
-    else { /* the slice's input grids and output gradients in bf16, then the conv's backward on them */
+    else { /* the slice's input grids and output gradients in bf16 (scr), then the conv's backward on them */
         const long so = (long)ho * ho * CO;
-        bf16 *hb = malloc((size_t)((e - a) * si + (e - a) * so + 1) * sizeof(bf16)), *gb = hb + (e - a) * si;
-        unsigned *hp = malloc((size_t)(((e - a + 1) / 2) * si + 1) * sizeof(unsigned));
+        bf16 *hb = scr, *gb = hb + (e - a) * si;
+        unsigned *hp = (unsigned *)(gb + (e - a) * so); /* si and so are even: 4-byte aligned */
         to_bf16(h_in + a * si, hb, (e - a) * si);
         to_bf16(gy_out + a * so, gb, (e - a) * so);
         pair_images(hb, e - a, si, hp); /* groups start at even offsets from a: their pairs are these */
@@ -403,8 +428,6 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
                      gb + ((long)(b) - a) * so, ho, d, gh + (long)(b) * si)
         GROUPS(a, e, BACK);
 #undef BACK
-        free(hp);
-        free(hb);
     }
 #endif
     for (long j = a; j < e; j++)
@@ -426,7 +449,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
                      float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3,
                      int bf16) {
     FWeights W;
-    if (!fload(&W, c1, c2, c3, w1, w2, w3, bf16)) return -1;
+    if (!fload(&W, n, c1, c2, c3, w1, w2, w3, bf16)) return -1;
     const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
     vec *d = aligned_alloc(64, FPARTS * (n1 + n2 + n3) * sizeof(vec)); /* each slice's weight gradients */
     if (!d) {
@@ -455,12 +478,14 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, W.bmem ? W.b3t : NULL, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
+        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, W.bmem ? W.b3t : NULL,
+                   W.bmem ? W.scratch + k * W.per : NULL, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
                    inv2, part + k * 2 * SMAX);
     reduce_sums(part, c2, tot2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, W.bmem ? W.b2t : NULL, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
+        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, W.bmem ? W.b2t : NULL,
+                   W.bmem ? W.scratch + k * W.per : NULL, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
                    inv1, part + k * 2 * SMAX);
     reduce_sums(part, c1, tot1);
     /* conv1 backward (weights only) */
@@ -469,6 +494,13 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
         long a = fslice(n, k), e = fslice(n, k + 1);
         vec *dk = d1 + k * n1;
         memset(dk, 0, n1 * sizeof(vec));
+#if BF16
+        if (W.bmem) {
+            bn_back_apply(gy1 + a * 196 * c1, z1 + a * 196 * c1, (e - a) * 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
+            conv1_bwd_bf16(e - a, c1, xp + a * XF * XF, gy1 + a * 196 * c1, dk, W.scratch + k * W.per);
+            continue;
+        }
+#endif
         for (long j = a; j < e; j++) { /* image by image (its gradient stays in cache), tap by tap */
             bn_back_apply(gy1 + j * 196 * c1, z1 + j * 196 * c1, 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
             for (int t = 0; t < 25; t++)
@@ -526,6 +558,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
  * also the mean cross-entropy with label smoothing s (PyTorch's F.cross_entropy(..., label_smoothing=s))
  * into *loss, and its gradients: gfeat (n, F), gw (C, F), gb (C). Sums over the batch run in a
  * fixed order, independent of the thread count. */
+#define HB 5 /* classes the head computes at once */
 void fastcnn_head(int n, int C, int F, const float *feats, const float *w, const float *b, const long *y, float s,
                   float *logits, float *gfeat, float *gw, float *gb, double *loss) {
     double part[FPARTS];
@@ -535,15 +568,25 @@ void fastcnn_head(int n, int C, int F, const float *feats, const float *w, const
         for (int j = fslice(n, k); j < fslice(n, k + 1); j++) {
             const float *f = feats + (long)j * F;
             float *z = logits + (long)j * C;
-            for (int c = 0; c < C; c++) {
-                const float *wc = w + (long)c * F;
-                float lanes[16] = {0}, t = 0; /* 16 running sums: vectorised without reordering any one sum */
+            for (int c0 = 0; c0 < C; c0 += HB) { /* HB classes at once: independent chains of multiply-adds */
+                const int cn = C - c0 < HB ? C - c0 : HB;
+                vec lanes[HB]; /* 16 running sums per class: the same sums as one lane at a time */
+                for (int c = 0; c < cn; c++) lanes[c] = zero();
                 int i = 0;
-                for (; i + 16 <= F; i += 16)
-                    for (int l = 0; l < 16; l++) lanes[l] += f[i + l] * wc[i + l];
-                for (; i < F; i++) t += f[i] * wc[i];
-                for (int l = 0; l < 16; l++) t += lanes[l];
-                z[c] = t + b[c];
+                for (; i + 16 <= F; i += 16) {
+                    vec fv = load(f + i);
+                    for (int c = 0; c < cn; c++) {
+                        vec wv = load(w + (long)(c0 + c) * F + i);
+                        for (int q = 0; q < NV; q++) lanes[c].q[q] += fv.q[q] * wv.q[q];
+                    }
+                }
+                for (int c = 0; c < cn; c++) {
+                    const float *wc = w + (long)(c0 + c) * F;
+                    float t = 0;
+                    for (int r = i; r < F; r++) t += f[r] * wc[r];
+                    for (int l = 0; l < 16; l++) t += lane(lanes[c], l);
+                    z[c0 + c] = t + b[c0 + c];
+                }
             }
             if (!y) continue;
             float m = z[0];
@@ -556,9 +599,16 @@ void fastcnn_head(int n, int C, int F, const float *feats, const float *w, const
             /* z becomes the gradient at the logits: (softmax - target) / n */
             for (int c = 0; c < C; c++) z[c] = (expf(z[c] - lse) - s / C - (c == y[j] ? 1 - s : 0)) / n;
             float *gf = gfeat + (long)j * F;
-            for (int i = 0; i < F; i++) gf[i] = 0;
+            int i = 0;
+            for (; i + 64 <= F; i += 64) { /* 64 columns in registers while the classes go by */
+                vec s[4] = {zero(), zero(), zero(), zero()};
+                for (int c = 0; c < C; c++)
+                    for (int u = 0; u < 4; u++) fma_(&s[u], z[c], load(w + (long)c * F + i + 16 * u));
+                for (int u = 0; u < 4; u++) store(gf + i + 16 * u, s[u]);
+            }
+            for (int r = i; r < F; r++) gf[r] = 0;
             for (int c = 0; c < C; c++)
-                for (int i = 0; i < F; i++) gf[i] += z[c] * w[(long)c * F + i];
+                for (int r = i; r < F; r++) gf[r] += z[c] * w[(long)c * F + r];
         }
         part[k] = acc;
     }
@@ -571,18 +621,34 @@ void fastcnn_head(int n, int C, int F, const float *feats, const float *w, const
         for (int j = 0; j < n; j++) t += logits[(long)j * C + c];
         gb[c] = t;
     }
-    /* gw in blocks of columns: each block's rows stay in cache while the batch streams past */
+    /* gw a block of 32 columns and HB classes at a time, in registers while the batch streams past */
+    const int blocks = (F + 31) / 32, cb = (C + HB - 1) / HB;
 #pragma omp parallel for schedule(static)
-    for (int a = 0; a < F; a += 64) {
-        int e = a + 64 < F ? a + 64 : F;
-        for (int c = 0; c < C; c++)
-            for (int i = a; i < e; i++) gw[(long)c * F + i] = 0;
-        for (int j = 0; j < n; j++) {
-            const float *f = feats + (long)j * F;
-            for (int c = 0; c < C; c++) {
-                float gz = logits[(long)j * C + c], *g = gw + (long)c * F;
-                for (int i = a; i < e; i++) g[i] += gz * f[i];
+    for (int k = 0; k < blocks * cb; k++) {
+        const int a = k / cb * 32, c0 = k % cb * HB, cn = C - c0 < HB ? C - c0 : HB;
+        if (a + 32 <= F) {
+            vec s[HB][2];
+            for (int c = 0; c < cn; c++) s[c][0] = s[c][1] = zero();
+            for (int j = 0; j < n; j++) {
+                const float *f = feats + (long)j * F + a, *gz = logits + (long)j * C + c0;
+                vec f0 = load(f), f1 = load(f + 16);
+                for (int c = 0; c < cn; c++) {
+                    fma_(&s[c][0], gz[c], f0);
+                    fma_(&s[c][1], gz[c], f1);
+                }
             }
+            for (int c = 0; c < cn; c++) {
+                store(gw + (long)(c0 + c) * F + a, s[c][0]);
+                store(gw + (long)(c0 + c) * F + a + 16, s[c][1]);
+            }
+        } else {
+            for (int c = c0; c < c0 + cn; c++)
+                for (int i = a; i < F; i++) gw[(long)c * F + i] = 0;
+            for (int j = 0; j < n; j++)
+                for (int c = c0; c < c0 + cn; c++) {
+                    float gz = logits[(long)j * C + c], *g = gw + (long)c * F;
+                    for (int i = a; i < F; i++) g[i] += gz * feats[(long)j * F + i];
+                }
         }
     }
 }
