@@ -88,16 +88,19 @@ INLINE void conv3x3_fwd_bf16(int g, int CI, int CO, const bf16 *in, int pi, cons
             }
 }
 
-/* `images` grids of `len` bf16 values as pairs of images, value by value: out[m][v] holds image 2m's
- * value v in its low half and image 2m+1's (0 past the last) in its high half. */
-static void pair_images(const bf16 *in, long images, long len, unsigned *out) {
+/* `images` grids of `len` floats, rounded to bf16, as pairs of images value by value: out[m][v] holds
+ * image 2m's value v in its low half and image 2m+1's (0 past the last) in its high half. */
+static void pair_images(const float *in, long images, long len, unsigned *out) {
+    const __m512i lace = lace_pairs();
     for (long m = 0; 2 * m < images; m++) {
-        const bf16 *lo = in + 2 * m * len, *hi = lo + len;
+        const float *lo = in + 2 * m * len, *hi = lo + len;
+        const int two = 2 * m + 1 < images;
         unsigned *o = out + m * len;
-        if (2 * m + 1 < images)
-            for (long v = 0; v < len; v++) o[v] = lo[v] | (unsigned)hi[v] << 16;
-        else
-            for (long v = 0; v < len; v++) o[v] = lo[v];
+        for (long v = 0; v < len; v += 16) {
+            const __mmask16 k = len - v >= 16 ? 0xFFFF : (__mmask16)((1u << (len - v)) - 1);
+            __m512 a = _mm512_maskz_loadu_ps(k, lo + v), b = two ? _mm512_maskz_loadu_ps(k, hi + v) : _mm512_setzero_ps();
+            _mm512_mask_storeu_epi32(o + v, k, (__m512i)laced(lace, a, b));
+        }
     }
 }
 
@@ -194,10 +197,8 @@ INLINE void conv1_fwd_bf16(int g, int C1, const bf16 *xb, const __m512i *w, floa
  * time: their pixels as one 32-bit broadcast, their gradients interleaved lane by lane. */
 static void conv1_bwd_bf16(long images, int C1, const float *xp, const float *gy, vec *d, bf16 *scr) {
     const long pairs = (images + 1) / 2, len = XF * XF;
-    bf16 *xb = scr; /* scratch: images * len + 1 values, then the pairs (4-byte aligned) */
-    unsigned *xq = (unsigned *)(scr + (images * len + 2) / 2 * 2);
-    to_bf16_any(xp, xb, images * len);
-    pair_images(xb, images, len, xq);
+    unsigned *xq = (unsigned *)scr; /* scratch: the pairs */
+    pair_images(xp, images, len, xq);
     const __m512i lace = lace_pairs();
     for (int c = 0; c < C1 / 16; c++) {
         __m512 acc[25];

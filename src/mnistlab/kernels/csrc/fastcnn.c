@@ -343,23 +343,22 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
  * sum(gy) and sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
 static void bn_back_sums(float *gy, const float *h, const float *z, long images, int ho, int C, int side, int off,
                          const float *mean, const float *inv, float *sums) {
-    float s0[SMAX] = {0}, s1[SMAX] = {0};
-    for (long j = 0; j < images; j++)
-        for (int p = 0; p < ho * ho; p++) {
-            long r = j * ho * ho + p;
-            const float *hc = h + (j * side * side + (p / ho + off) * side + p % ho + off) * C;
-            float *g = gy + r * C;
-            const float *zr = z + r * C;
-            for (int c = 0; c < C; c++) {
-                float gv = hc[c] > 0.0f ? g[c] : 0.0f;
-                g[c] = gv;
-                s0[c] += gv;
-                s1[c] += gv * (zr[c] - mean[c]) * inv[c];
+    for (int c = 0; c < C / 16; c++) { /* 16 channels at a time, each channel's sums in row order */
+        vec s0 = zero(), s1 = zero(), m = load(mean + c * 16), v = load(inv + c * 16);
+        for (long j = 0; j < images; j++)
+            for (int p = 0; p < ho * ho; p++) {
+                long r = j * ho * ho + p;
+                const float *hc = h + (j * side * side + (p / ho + off) * side + p % ho + off) * C + c * 16;
+                float *g = gy + r * C + c * 16;
+                vec gv = where_positive(load(g), load(hc)), zr = load(z + r * C + c * 16);
+                store(g, gv);
+                for (int q = 0; q < NV; q++) {
+                    s0.q[q] += gv.q[q];
+                    s1.q[q] += gv.q[q] * (zr.q[q] - m.q[q]) * v.q[q];
+                }
             }
-        }
-    for (int c = 0; c < C; c++) {
-        sums[c] = s0[c];
-        sums[SMAX + c] = s1[c];
+        store(sums + c * 16, s0);
+        store(sums + SMAX + c * 16, s1);
     }
 }
 
@@ -418,11 +417,10 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
 #if BF16
     else { /* the slice's input grids and output gradients in bf16 (scr), then the conv's backward on them */
         const long so = (long)ho * ho * CO;
-        bf16 *hb = scr, *gb = hb + (e - a) * si;
-        unsigned *hp = (unsigned *)(gb + (e - a) * so); /* si and so are even: 4-byte aligned */
-        to_bf16(h_in + a * si, hb, (e - a) * si);
+        bf16 *gb = scr;
+        unsigned *hp = (unsigned *)(gb + (e - a) * so); /* so is even: 4-byte aligned */
         to_bf16(gy_out + a * so, gb, (e - a) * so);
-        pair_images(hb, e - a, si, hp); /* groups start at even offsets from a: their pairs are these */
+        pair_images(h_in + a * si, e - a, si, hp); /* groups start at even offsets from a: their pairs are these */
 #define BACK(g, b)                                                                                            \
     conv3x3_bwd_bf16(g, CI, CO, hp + ((long)(b) - a) / 2 * si, pi, wtb, gy_out + (long)(b) * so,               \
                      gb + ((long)(b) - a) * so, ho, d, gh + (long)(b) * si)
@@ -432,7 +430,8 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
 #endif
     for (long j = a; j < e; j++)
         for (int p = 0; p < hi * hi; p++)
-            memcpy(gy_in + (j * hi * hi + p) * CI, gh + j * si + ((p / hi + 1) * pi + p % hi + 1) * CI, CI * sizeof(float));
+            for (int c = 0; c < CI / 16; c++)
+                store(gy_in + (j * hi * hi + p) * CI + c * 16, load(gh + j * si + ((p / hi + 1) * pi + p % hi + 1) * CI + c * 16));
     bn_back_sums(gy_in + a * hi * hi * CI, h_in + a * si, z_in + a * hi * hi * CI, e - a, hi, CI, pi, 1, mean_i, inv_i,
                  sums);
 }
