@@ -147,7 +147,7 @@ def _add_train(sub) -> None:
                    help="score the final model with test-time augmentation: probabilities averaged over each "
                         "validation image and its 8 one-pixel shifts (default: off)")
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="bf16: the kernel engine's 3x3 convolutions from bf16 operands summed in fp32, on CPUs with "
+                   help="bf16: the kernel engine's convolutions from bf16 operands summed in fp32, on CPUs with "
                         f"AVX512-BF16; weights, gradients and the update stay fp32 (default: {default('precision')})")
     p.add_argument("--drop-last", action="store_true", default=None,
                    help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "

@@ -33,7 +33,7 @@ AUGMENTS = {
 }
 AUGMENT_NAMES = tuple(AUGMENTS)
 SCHEDULES = ("constant", "onecycle")  # mnistlab.train.schedule.learning_rate
-PRECISIONS = ("fp32", "bf16")  # the kernel engine's 3x3 convolutions: mnistlab.kernels.calls.bf16_available
+PRECISIONS = ("fp32", "bf16")  # the kernel engine's convolutions: mnistlab.kernels.calls.bf16_available
 DEVICES = ("auto", "cpu", "cuda")  # mnistlab.train.device.resolve_device
 RECORDED = ("resolved_device",)  # written into a run's config.json beside its settings; not settings
 
@@ -81,7 +81,7 @@ class TrainConfig:
     augment: str = "none"  # "none"; "affine": random shifts, rotations, scaling; "elastic": also warps (augment.py)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
     tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
-    precision: str = "fp32"  # "bf16": the kernel engine's 3x3 convolutions from bf16 operands, summed in fp32
+    precision: str = "fp32"  # "bf16": the kernel engine's convolutions from bf16 operands, summed in fp32
     drop_last: bool = False  # every step a full batch: each epoch's last partial batch (of a new order) left out
     subsample: float = 1.0  # fraction of the training part this run trains on, drawn with its seed; 1: all of it
     nproc: int = 1  # processes training this run together (data-parallel, torchrun); the PyTorch engine

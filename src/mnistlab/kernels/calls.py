@@ -69,7 +69,7 @@ def param_widths(params) -> tuple[int, int, int]:
 
 
 def bf16_available() -> bool:
-    """Whether the kernels can compute FastCNN's 3x3 convolutions with bf16 operands: the library was
+    """Whether the kernels can compute FastCNN's convolutions with bf16 operands: the library was
     built for a CPU with AVX512-BF16 (``-march=native``), and ``MNISTLAB_BF16`` is not 0."""
     return os.environ.get("MNISTLAB_BF16", "1") != "0" and build.available() and bool(library().fastcnn_bf16())
 
@@ -84,7 +84,7 @@ def fastcnn_forward(x: np.ndarray, params, stats: np.ndarray, given: bool, saved
     ``params``: the nine float32 arrays w1, g1, b1, w2, g2, b2, w3, g3, b3 (conv weights,
     BatchNorm weights and biases), C-contiguous; their shapes give the widths. ``stats``
     (6, MAX_WIDTH) receives each BatchNorm's batch mean and biased variance, or (``given``) holds
-    the running ones. ``saved`` and ``feats``, if given, are reused. ``bf16``: the 3x3 convolutions
+    the running ones. ``saved`` and ``feats``, if given, are reused. ``bf16``: the convolutions
     with bf16 operands and fp32 sums (:func:`bf16_available`). Returns ``(feats (n, 16 * C3), saved)``.
     """
     n, widths = len(x), param_widths(params)
@@ -102,7 +102,7 @@ def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads,
                      bf16: bool = False) -> None:
     """Gradients of the nine ``params`` into ``grads`` (same shapes), from the gradient ``gfeat``
     (n, 16 * C3) at the features and what :func:`fastcnn_forward` saved in training mode (``bf16``:
-    the 3x3 convolutions' gradients from bf16 operands, summed in fp32)."""
+    the convolutions' gradients from bf16 operands, summed in fp32)."""
     n, widths = len(gfeat), param_widths(params)
     if scratch is None:
         scratch = [np.empty((n, size), np.float32) for size in fast_scratch(widths)]

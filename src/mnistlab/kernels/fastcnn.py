@@ -122,7 +122,7 @@ class FastCNNStep:
 
     ``buffers``: the momentum buffers, one array per name in :data:`PARAMS` (zeros before the
     first step, which makes the first update ``torch.optim.SGD``'s), or None without momentum.
-    ``bf16``: the 3x3 convolutions, forward and backward, from bf16 operands summed in fp32
+    ``bf16``: the three convolutions, forward and backward, from bf16 operands summed in fp32
     (:func:`mnistlab.kernels.calls.bf16_available`); the weights, gradients and update stay fp32.
     """
 

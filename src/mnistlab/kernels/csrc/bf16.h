@@ -1,16 +1,16 @@
-/* FastCNN's 3x3 convolutions with bf16 operands and fp32 sums (AVX512-BF16's vdpbf16ps: pairs of
+/* FastCNN's convolutions with bf16 operands and fp32 sums (AVX512-BF16's vdpbf16ps: pairs of
  * bf16 products added into each fp32 lane, twice an fp32 FMA's multiply-adds per instruction).
  *
  * Only where the compiler targets AVX512-BF16 (the library is built with -march=native, so where
- * the CPU has it): BF16 is then 1 and fastcnn.c uses these for conv2 and conv3, forward and
- * backward, when asked (its `bf16` argument). Everything else stays fp32: the first layer, the
- * BatchNorms, the head, the weights, their gradients and the optimizer.
+ * the CPU has it): BF16 is then 1 and fastcnn.c uses these for conv1, conv2 and conv3, forward and
+ * backward, when asked (its `bf16` argument). Everything else stays fp32: the BatchNorms, the
+ * head, the weights, their gradients and the optimizer.
  *
  * The operands are rounded to bf16 (to nearest, ties to even) as they are read: the conv weights
  * once per call into pair-interleaved vectors ([tap][CI/2][CO/16]: lane k holds the weights of
- * output 16c+k for inputs 2p and 2p+1), the input grids and output gradients once per slice. The
- * weights' gradient pairs two images: their activations as one 32-bit broadcast, their output
- * gradients interleaved lane by lane.
+ * output 16c+k for inputs 2p and 2p+1; conv1's pair horizontally adjacent taps), the input grids
+ * and output gradients once per slice. The weights' gradients pair two images: their activations
+ * as one 32-bit broadcast, their output gradients interleaved lane by lane.
  */
 #ifndef MNISTLAB_BF16_H
 #define MNISTLAB_BF16_H
@@ -104,52 +104,81 @@ static void pair_images(const float *in, long images, long len, unsigned *out) {
     }
 }
 
-/* conv3x3_bwd with bf16 operands: in (the g grids as pair_images pairs them), gz (g, ho*ho, CO) the
- * output gradient in fp32 and gzb the same in bf16, wt as pack_bf16's bwd; adds into d (fp32
- * [tap][CI][CO/16]) and gin. */
-INLINE void conv3x3_bwd_bf16(int g, int CI, int CO, const unsigned *in, int pi, const __m512i *wt, const float *gz,
-                             const bf16 *gzb, int ho, vec *d, float *gin) {
-    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
-    const __m512i lace = lace_pairs();
-    __m512bh gp[SMAX / 16][(G + 1) / 2]; /* the output gradient of image pairs, lanes interleaved */
-    for (int oy = 0; oy < ho; oy++)
-        for (int ox = 0; ox < ho; ox++) {
-            const long pos = (oy * ho + ox) * CO;
-            for (int c = 0; c < CO / 16; c++)
-                for (int q = 0; 2 * q < g; q++) {
-                    __m512 a = _mm512_loadu_ps(gz + 2 * q * so + pos + c * 16);
-                    __m512 b = 2 * q + 1 < g ? _mm512_loadu_ps(gz + (2 * q + 1) * so + pos + c * 16) : _mm512_setzero_ps();
-                    gp[c][q] = laced(lace, a, b);
+/* conv3x3_bwd_bf16's weights' gradient for nc = CO / 16 output vectors and ib inputs at a time (both
+ * constants where inlined, ib dividing CI): the ib x nc sums stay in registers while the positions
+ * and image pairs go by. gp [position][nc][(G + 1) / 2]: the image pairs' output gradients, interleaved. */
+INLINE void wgrad_bf16(const int nc, const int ib, const int pairs, int CI, const unsigned *in, int pi, long si,
+                       int ho, const __m512bh *gp, vec *d) {
+    for (int t = 0; t < 9; t++)
+        for (int i0 = 0; i0 < CI; i0 += ib) {
+            __m512 acc[8][8]; /* [ib][nc]: fixed sizes, so that the compiler keeps them in registers */
+            for (int u = 0; u < ib; u++)
+                for (int c = 0; c < nc; c++) acc[u][c] = _mm512_setzero_ps();
+            for (int oy = 0; oy < ho; oy++)
+                for (int ox = 0; ox < ho; ox++) {
+                    const unsigned *cell = in + ((2 * oy + t / 3) * pi + 2 * ox + t % 3) * CI + i0;
+                    const __m512bh *gq = gp + (oy * ho + ox) * nc * ((G + 1) / 2);
+                    for (int q = 0; q < pairs; q++) {
+                        __m512bh gv[8];
+                        for (int c = 0; c < nc; c++) gv[c] = gq[c * ((G + 1) / 2) + q];
+                        for (int u = 0; u < ib; u++) {
+                            __m512bh x = (__m512bh)_mm512_set1_epi32((int)cell[q * si + u]);
+                            for (int c = 0; c < nc; c++) acc[u][c] = _mm512_dpbf16_ps(acc[u][c], x, gv[c]);
+                        }
+                    }
                 }
-            for (int ky = 0; ky < 3; ky++)
-                for (int kx = 0; kx < 3; kx++) {
-                    const int t = ky * 3 + kx;
-                    const long cell = ((2 * oy + ky) * pi + 2 * ox + kx) * CI;
-                    float *dt = (float *)(d + t * CI * (CO / 16));
-                    for (int i = 0; i < CI; i++) {
-                        __m512bh pair[(G + 1) / 2];
-                        for (int q = 0; 2 * q < g; q++) pair[q] = (__m512bh)_mm512_set1_epi32((int)in[q * si + cell + i]);
-                        for (int c = 0; c < CO / 16; c++) {
-                            float *dc = dt + ((long)i * (CO / 16) + c) * 16;
-                            __m512 s = _mm512_loadu_ps(dc);
-                            for (int q = 0; 2 * q < g; q++) s = _mm512_dpbf16_ps(s, pair[q], gp[c][q]);
-                            _mm512_storeu_ps(dc, s);
-                        }
-                    }
-                    for (int ic = 0; ic < CI / 16; ic++) {
-                        __m512 acc[G];
-                        for (int j = 0; j < g; j++) acc[j] = _mm512_loadu_ps(gin + j * si + cell + ic * 16);
-                        const __m512i *w = wt + t * (CO / 2) * (CI / 16) + ic;
-                        for (int q = 0; q < CO / 2; q++) {
-                            __m512bh wv = (__m512bh)w[q * (CI / 16)];
-                            for (int j = 0; j < g; j++) acc[j] = _mm512_dpbf16_ps(acc[j], bcast_pair(gzb + j * so + pos + 2 * q), wv);
-                        }
-                        for (int j = 0; j < g; j++) _mm512_storeu_ps(gin + j * si + cell + ic * 16, acc[j]);
-                    }
+            for (int u = 0; u < ib; u++)
+                for (int c = 0; c < nc; c++) {
+                    float *dc = (float *)(d + ((long)t * CI + i0 + u) * nc + c);
+                    _mm512_storeu_ps(dc, _mm512_add_ps(_mm512_loadu_ps(dc), acc[u][c]));
                 }
         }
 }
 
+/* conv3x3_bwd with bf16 operands: in (the g grids as pair_images pairs them), gz (g, ho*ho, CO) the
+ * output gradient in fp32 and gzb the same in bf16, wt as pack_bf16's bwd; adds into d (fp32
+ * [tap][CI][CO/16]) and gin. */
+INLINE void conv3x3_bwd_bf16(const int g, int CI, int CO, const unsigned *in, int pi, const __m512i *wt, const float *gz,
+                             const bf16 *gzb, int ho, vec *d, float *gin) {
+    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
+    const int pairs = (g + 1) / 2;
+    const __m512i lace = lace_pairs();
+    __m512bh gp[ho * ho * (CO / 16) * ((G + 1) / 2)];
+    for (int p = 0; p < ho * ho; p++)
+        for (int c = 0; c < CO / 16; c++)
+            for (int q = 0; q < pairs; q++) {
+                const float *a = gz + 2 * q * so + (long)p * CO + c * 16;
+                gp[(p * (CO / 16) + c) * ((G + 1) / 2) + q] =
+                    laced(lace, _mm512_loadu_ps(a), 2 * q + 1 < g ? _mm512_loadu_ps(a + so) : _mm512_setzero_ps());
+            }
+    switch (CO / 16) { /* 8 to 16 sums in registers */
+    case 1: wgrad_bf16(1, 8, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 2: wgrad_bf16(2, 8, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 3: wgrad_bf16(3, 4, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 4: wgrad_bf16(4, 4, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 5: wgrad_bf16(5, 2, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 6: wgrad_bf16(6, 2, pairs, CI, in, pi, si, ho, gp, d); break;
+    case 7: wgrad_bf16(7, 2, pairs, CI, in, pi, si, ho, gp, d); break;
+    default: wgrad_bf16(8, 2, pairs, CI, in, pi, si, ho, gp, d); break;
+    }
+    for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < ho; ox++) {
+            const long pos = (oy * ho + ox) * CO;
+            for (int t = 0; t < 9; t++) {
+                const long cell = ((2 * oy + t / 3) * pi + 2 * ox + t % 3) * CI;
+                for (int ic = 0; ic < CI / 16; ic++) {
+                    __m512 acc[G];
+                    for (int j = 0; j < g; j++) acc[j] = _mm512_loadu_ps(gin + j * si + cell + ic * 16);
+                    const __m512i *w = wt + t * (CO / 2) * (CI / 16) + ic;
+                    for (int q = 0; q < CO / 2; q++) {
+                        __m512bh wv = (__m512bh)w[q * (CI / 16)];
+                        for (int j = 0; j < g; j++) acc[j] = _mm512_dpbf16_ps(acc[j], bcast_pair(gzb + j * so + pos + 2 * q), wv);
+                    }
+                    for (int j = 0; j < g; j++) _mm512_storeu_ps(gin + j * si + cell + ic * 16, acc[j]);
+                }
+            }
+        }
+}
 
 /* n floats (any n) to bf16 */
 static void to_bf16_any(const float *src, bf16 *dst, long n) {

@@ -23,7 +23,7 @@
 #define SMAX 128 /* the widest layer; rows of the statistics arrays (6, SMAX) */
 #include "bf16.h"
 
-/* Whether this build computes conv2 and conv3 with bf16 operands when asked (see bf16.h). */
+/* Whether this build computes the convolutions with bf16 operands when asked (see bf16.h). */
 int fastcnn_bf16(void) { return BF16; }
 
 static inline int fslice(int n, int k) { return (int)((long)n * k / FPARTS); }
