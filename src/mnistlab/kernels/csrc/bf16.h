@@ -67,25 +67,53 @@ INLINE __m512bh laced(__m512i lace, __m512 a, __m512 b) {
     return (__m512bh)_mm512_permutexvar_epi16(lace, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
-/* conv3x3_fwd with bf16 operands: `in` the g images' grids in bf16, w as pack_bf16's fwd. */
-INLINE void conv3x3_fwd_bf16(int g, int CI, int CO, const bf16 *in, int pi, const __m512i *w, float *z, int ho) {
-    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
-    for (int oy = 0; oy < ho; oy++)
-        for (int ox = 0; ox < ho; ox++)
-            for (int c = 0; c < CO / 16; c++) {
-                __m512 acc[G];
-                for (int j = 0; j < g; j++) acc[j] = _mm512_setzero_ps();
-                for (int ky = 0; ky < 3; ky++)
-                    for (int kx = 0; kx < 3; kx++) {
-                        const bf16 *v = in + ((2 * oy + ky) * pi + 2 * ox + kx) * CI;
-                        const __m512i *wt = w + (ky * 3 + kx) * (CI / 2) * (CO / 16) + c;
-                        for (int p = 0; p < CI / 2; p++) {
-                            __m512bh wv = (__m512bh)wt[p * (CO / 16)];
-                            for (int j = 0; j < g; j++) acc[j] = _mm512_dpbf16_ps(acc[j], bcast_pair(v + j * si + 2 * p), wv);
-                        }
-                    }
-                for (int j = 0; j < g; j++) _mm512_storeu_ps(z + j * so + (oy * ho + ox) * CO + c * 16, acc[j]);
+/* conv3x3_fwd_bf16 at position (oy, ox) for images [j0, j0 + jn) and nc = CO / 16 output vectors
+ * (constants where inlined): jn x nc sums in registers, each weight vector and broadcast used several times. */
+INLINE void fwd_bf16_at(const int nc, const int jn, int j0, int CI, const bf16 *in, int pi, long si,
+                        const __m512i *w, float *z, int ho, long so, int oy, int ox) {
+    __m512 acc[8][8]; /* [jn][nc]: fixed sizes, so that the compiler keeps them in registers */
+    for (int j = 0; j < jn; j++)
+        for (int c = 0; c < nc; c++) acc[j][c] = _mm512_setzero_ps();
+    for (int t = 0; t < 9; t++) {
+        const bf16 *v = in + j0 * si + ((2 * oy + t / 3) * pi + 2 * ox + t % 3) * CI;
+        const __m512i *wt = w + t * (CI / 2) * nc;
+        for (int p = 0; p < CI / 2; p++) {
+            __m512bh wv[8];
+            for (int c = 0; c < nc; c++) wv[c] = (__m512bh)wt[p * nc + c];
+            for (int j = 0; j < jn; j++) {
+                __m512bh x = bcast_pair(v + j * si + 2 * p);
+                for (int c = 0; c < nc; c++) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], x, wv[c]);
             }
+        }
+    }
+    for (int j = 0; j < jn; j++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(z + (j0 + j) * so + (oy * ho + ox) * nc * 16 + c * 16, acc[j][c]);
+}
+
+/* conv3x3_fwd_bf16 for nc output vectors, images jb at a time (the last block g % jb). */
+INLINE void fwd_bf16(const int nc, const int jb, const int g, int CI, const bf16 *in, int pi, long si,
+                     const __m512i *w, float *z, int ho, long so) {
+    for (int oy = 0; oy < ho; oy++)
+        for (int ox = 0; ox < ho; ox++) {
+            int j0 = 0;
+            for (; j0 + jb <= g; j0 += jb) fwd_bf16_at(nc, jb, j0, CI, in, pi, si, w, z, ho, so, oy, ox);
+            if (g % jb) fwd_bf16_at(nc, g % jb, j0, CI, in, pi, si, w, z, ho, so, oy, ox);
+        }
+}
+
+/* conv3x3_fwd with bf16 operands: `in` the g images' grids in bf16, w as pack_bf16's fwd. */
+INLINE void conv3x3_fwd_bf16(const int g, int CI, int CO, const bf16 *in, int pi, const __m512i *w, float *z, int ho) {
+    const long si = (long)pi * pi * CI, so = (long)ho * ho * CO;
+    switch (CO / 16) { /* 8 to 16 sums in registers */
+    case 1: fwd_bf16(1, 8, g, CI, in, pi, si, w, z, ho, so); break;
+    case 2: fwd_bf16(2, 8, g, CI, in, pi, si, w, z, ho, so); break;
+    case 3: fwd_bf16(3, 4, g, CI, in, pi, si, w, z, ho, so); break;
+    case 4: fwd_bf16(4, 4, g, CI, in, pi, si, w, z, ho, so); break;
+    case 5: fwd_bf16(5, 2, g, CI, in, pi, si, w, z, ho, so); break;
+    case 6: fwd_bf16(6, 2, g, CI, in, pi, si, w, z, ho, so); break;
+    case 7: fwd_bf16(7, 2, g, CI, in, pi, si, w, z, ho, so); break;
+    default: fwd_bf16(8, 2, g, CI, in, pi, si, w, z, ho, so); break;
+    }
 }
 
 /* `images` grids of `len` floats, rounded to bf16, as pairs of images value by value: out[m][v] holds
