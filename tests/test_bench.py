@@ -125,3 +125,21 @@ def test_the_table_states_bf16_beside_fp32_from_one_run():
     table = bench.markdown(bench.summarize(runs, peak=100e9), 100e9, bench.BenchPlan(), "mnistlab bench")
     assert "mnistlab --preset fast --precision bf16: training 1.36x as fast as fp32 in this run (2.20 s against " \
            "3.00 s, medians)" in table
+
+
+def test_the_bf16_step_benchmark_times_both_precisions():
+    """benchmarks/bench_bf16.py: the kernels' calls in fp32 and bf16, alternating; a bad width is one line."""
+    from mnistlab.kernels import calls
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_bf16.py"
+    bad = subprocess.run([sys.executable, str(script), "--widths", "16,30,64"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--widths takes three multiples of 16" in bad.stderr
+    if not calls.bf16_available():
+        pytest.skip("no bf16 kernels here: the CPU lacks AVX512-BF16, or MNISTLAB_BF16=0")
+    done = subprocess.run([sys.executable, str(script), "--batch", "9", "--steps", "2", "--widths", "16,48,32"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert len(rows) == 2 and all(len(re.findall(r"\d+\.\d\d", row)) == 4 for row in rows), done.stdout
+    assert re.search(r"bf16: the kernels' step \d+\.\d\dx as fast as fp32", done.stdout), done.stdout
