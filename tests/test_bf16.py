@@ -23,6 +23,17 @@ def _grid(a, n, side, c) -> torch.Tensor:
     return torch.as_tensor(a).reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
+def _bn_back(g, z, mean, var, gamma) -> torch.Tensor:
+    """BatchNorm's backward in training mode (batch statistics) in float64: the gradient at its input
+    given g at its output; channels on axis 1."""
+    shape = (1, -1, 1, 1)
+    mean, var, gamma = (torch.as_tensor(np.asarray(v, np.float64)).reshape(shape) for v in (mean, var, gamma))
+    inv = 1 / torch.sqrt(var + 1e-5)
+    xhat = (z.double() - mean) * inv
+    dims = (0, 2, 3)
+    return gamma * inv * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -47,10 +58,10 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
         grads = [np.empty_like(p) for p in params[:9]]
         scratch = [np.empty((n, size), np.float32) for size in calls.fast_scratch(widths)]
         calls.fastcnn_backward(params[:9], saved, stats, gfeat, grads, scratch, bf16=bf16)
-        runs[bf16] = ([s.copy() for s in saved], grads, scratch)
-    saved, grads, scratch = runs[True]
+        runs[bf16] = ([s.copy() for s in saved], grads, scratch, stats)
+    saved, grads, scratch, stats = runs[True]
     xp, z1, h1, z2, h2, z3, _ = saved
-    gy3, gh2, gy2, gh1, gy1 = scratch
+    gy3, gy2, gy1 = scratch[0], scratch[2], scratch[4]
     # conv1 on the standardised input in its zero-bordered 31x31 grid
     w1r = _bf16(params[0]).requires_grad_()
     z1x = F.conv2d(_bf16(_grid(xp, n, 31, 1)), w1r, stride=2)
@@ -67,9 +78,13 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
     z3x.backward(_bf16(_grid(gy3, n, 4, c3)))
     z2x.backward(_bf16(_grid(gy2, n, 7, c2)))
     assert _rel(grads[6], w3r.grad) < 1e-5 and _rel(grads[3], w2r.grad) < 1e-5
-    assert _rel(_grid(gh2, n, 9, c2), h2g.grad) < 1e-5 and _rel(_grid(gh1, n, 15, c1), h1g.grad) < 1e-5
+    # the inputs' gradients as the next BatchNorm backward receives them: masked by the ReLU, then through it
+    h1r, h2r = _grid(h1, n, 15, c1)[:, :, 1:, 1:], _grid(h2, n, 9, c2)[:, :, 1:8, 1:8]
+    gz2 = _bn_back(h2g.grad[:, :, 1:8, 1:8] * (h2r > 0), _grid(z2, n, 7, c2), stats[2, :c2], stats[3, :c2], params[4])
+    gz1 = _bn_back(h1g.grad[:, :, 1:, 1:] * (h1r > 0), _grid(z1, n, 14, c1), stats[0, :c1], stats[1, :c1], params[1])
+    assert _rel(_grid(gy2, n, 7, c2), gz2) < 1e-5 and _rel(_grid(gy1, n, 14, c1), gz1) < 1e-5
     # and the fp32 kernels' results differ from them by bf16's rounding, no more
-    fp32_saved, fp32_grads, _ = runs[False]
+    fp32_saved, fp32_grads = runs[False][:2]
     assert 1e-4 < _rel(fp32_saved[3], z2) < 2e-2 and 1e-4 < _rel(fp32_grads[6], grads[6]) < 0.1
     assert 1e-4 < _rel(fp32_saved[1], z1) < 2e-2 and 1e-4 < _rel(fp32_grads[0], grads[0]) < 0.1
 

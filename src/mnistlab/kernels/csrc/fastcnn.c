@@ -105,7 +105,7 @@ INLINE void conv3x3_bwd(int g, int CI, int CO, const float *in, int pi, const ve
         }
 }
 
-/* Per-slice sums over positions of z (rows of C channels) and of (z - mean)^2. */
+/* Sums over positions of z (rows of C channels), or of (z - mean)^2 given mean, added to out. */
 static void channel_sums(const float *z, long rows, int C, const float *mean, float *out) {
     for (int c = 0; c < C / 16; c++) {
         vec s = zero(), m = mean ? load(mean + c * 16) : zero();
@@ -117,6 +117,7 @@ static void channel_sums(const float *z, long rows, int C, const float *mean, fl
             } else
                 add_(&s, v);
         }
+        add_(&s, load(out + c * 16));
         store(out + c * 16, s);
     }
 }
@@ -136,9 +137,11 @@ static void reduce_slices(const float *parts, int C, float scale, float *out) {
 static void batch_stats(int n, const float *z, int per, int C, float *part, float *mean, float *var) {
     reduce_slices(part, C, 1.0f / ((float)n * per), mean);
 #pragma omp parallel for schedule(static)
-    for (int k = 0; k < FPARTS; k++)
+    for (int k = 0; k < FPARTS; k++) {
+        memset(part + k * SMAX, 0, SMAX * sizeof(float));
         channel_sums(z + (long)fslice(n, k) * per * C, (long)(fslice(n, k + 1) - fslice(n, k)) * per, C, mean,
                      part + k * SMAX);
+    }
     reduce_slices(part, C, 1.0f / ((float)n * per), var);
 }
 
@@ -207,7 +210,8 @@ static int fload(FWeights *W, int n, int c1, int c2, int c3, const float *w1, co
         long s1 = 15L * c1 * 4, s2 = 9L * c1 * c2 * 2, s3 = 9L * c2 * c3 * 2, u = 3L * XF * XF;
         if (3L * Q1 * Q1 * c1 + 49L * c2 > u) u = 3L * Q1 * Q1 * c1 + 49L * c2;
         if (3L * Q2 * Q2 * c2 + 16L * c3 > u) u = 3L * Q2 * Q2 * c2 + 16L * c3;
-        W->per = (n / FPARTS + 3) * u; /* a slice holds at most n / FPARTS + 1 images; one more for the pairs */
+        /* a slice holds at most n / FPARTS + 1 images (one more for the pairs), a group G; 64-byte multiples */
+        W->per = ((n / FPARTS + 3 > G + 1 ? n / FPARTS + 3 : G + 1) * u + 31) / 32 * 32;
         W->bmem = aligned_alloc(64, s1 + 2 * (s2 + s3) + FPARTS * W->per * 2);
         if (!W->bmem) return 0;
         W->b2 = W->bmem, W->b2t = (char *)W->b2 + s2, W->b3 = (char *)W->b2t + s2, W->b3t = (char *)W->b3 + s3;
@@ -254,23 +258,29 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
                       const float *var, const float *gamma, const float *beta, float *h, const vec *w, const void *wb,
                       unsigned short *scr, float *z_out, float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
-    zero_border(h + a * si, e - a, pi, hi, CI);
-    bn_relu(z_in + a * hi * hi * CI, e - a, hi, CI, mean, var, gamma, beta, h + a * si, pi, 1);
+    const long so = (long)ho * ho * CO, ri = (long)hi * hi * CI;
+    memset(sums, 0, SMAX * sizeof(float));
     if (!wb) {
-#define FWD(g, b) conv3x3_fwd(g, CI, CO, h + (long)(b) * si, pi, w, z_out + (long)(b) * ho * ho * CO, ho)
+        zero_border(h + a * si, e - a, pi, hi, CI);
+        bn_relu(z_in + a * ri, e - a, hi, CI, mean, var, gamma, beta, h + a * si, pi, 1);
+#define FWD(g, b) conv3x3_fwd(g, CI, CO, h + (long)(b) * si, pi, w, z_out + (long)(b) * so, ho)
         GROUPS(a, e, FWD);
 #undef FWD
+        if (!given) channel_sums(z_out + a * so, (e - a) * ho * ho, CO, 0, sums);
     }
 #if BF16
-    else { /* the slice's grids in bf16 (scr), then the conv on them */
-        to_bf16(h + a * si, scr, (e - a) * si);
-#define FWD(g, b) \
-    conv3x3_fwd_bf16(g, CI, CO, scr + ((long)(b) - a) * si, pi, wb, z_out + (long)(b) * ho * ho * CO, ho)
-        GROUPS(a, e, FWD);
+    else /* group by group, in cache: the BatchNorm and ReLU, the grids in bf16 (scr), the conv, the sums */
+        for (long b = a; b < e; b += G) {
+            const int g = e - b < G ? (int)(e - b) : G;
+            zero_border(h + b * si, g, pi, hi, CI);
+            bn_relu(z_in + b * ri, g, hi, CI, mean, var, gamma, beta, h + b * si, pi, 1);
+            to_bf16(h + b * si, scr, g * si);
+#define FWD(g, i) conv3x3_fwd_bf16(g, CI, CO, scr, pi, wb, z_out + (long)(i) * so, ho)
+            GROUPS(b, b + g, FWD);
 #undef FWD
-    }
+            if (!given) channel_sums(z_out + b * so, g * ho * ho, CO, 0, sums);
+        }
 #endif
-    if (!given) channel_sums(z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, 0, sums);
 }
 
 /* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, C1),
@@ -291,25 +301,30 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
         const long a = fslice(n, k), e = fslice(n, k + 1);
-        for (long b = a; b < e; b++) pad_standardised(x + b * 784, xp + b * XF * XF);
+        float *sums = part + k * SMAX;
+        memset(sums, 0, SMAX * sizeof(float));
         if (!W.bmem) {
+            for (long b = a; b < e; b++) pad_standardised(x + b * 784, xp + b * XF * XF);
 #define C1(g, b) conv1_fwd(g, c1, xp + (long)(b) * XF * XF, W.w1, z1 + (long)(b) * 196 * c1)
             GROUPS(a, e, C1);
 #undef C1
+            if (!given) channel_sums(z1 + a * 196 * c1, (e - a) * 196, c1, 0, sums);
         }
 #if BF16
-        else { /* the slice's grids in bf16, one value past the last (read with a zero weight) */
-            unsigned short *xb = W.scratch + k * W.per; /* bf16 (the parameter bf16 hides the type) */
-            to_bf16_any(xp + a * XF * XF, xb, (e - a) * XF * XF);
-            xb[(e - a) * XF * XF] = 0;
-#define C1(g, b) conv1_fwd_bf16(g, c1, xb + ((long)(b) - a) * XF * XF, W.b1, z1 + (long)(b) * 196 * c1)
-            GROUPS(a, e, C1);
+        else /* group by group, in cache: the grids, in bf16 (one value past the last, read with a zero
+              * weight), conv1, the sums */
+            for (long b = a; b < e; b += G) {
+                const int g = e - b < G ? (int)(e - b) : G;
+                unsigned short *xb = W.scratch + k * W.per; /* bf16 (the parameter bf16 hides the type) */
+                for (long j = b; j < b + g; j++) pad_standardised(x + j * 784, xp + j * XF * XF);
+                to_bf16_any(xp + b * XF * XF, xb, g * XF * XF);
+                xb[g * XF * XF] = 0;
+#define C1(g, i) conv1_fwd_bf16(g, c1, xb, W.b1, z1 + (long)(i) * 196 * c1)
+                GROUPS(b, b + g, C1);
 #undef C1
-        }
+                if (!given) channel_sums(z1 + b * 196 * c1, g * 196L, c1, 0, sums);
+            }
 #endif
-        if (!given)
-            channel_sums(z1 + (long)fslice(n, k) * 196 * c1, (long)(fslice(n, k + 1) - fslice(n, k)) * 196, c1, 0,
-                         part + k * SMAX);
     }
     if (!given) batch_stats(n, z1, 196, c1, part, mean1, var1);
     /* BN1 + ReLU into zero-bordered grids, conv2; the same for BN2 and conv3 */
@@ -338,25 +353,26 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
     return 0;
 }
 
-/* BatchNorm + ReLU backward for one slice: gy (rows, C) holds the gradient at the ReLU's output
- * (masked here by h > 0 in place, h read at the grid cells as bn_relu wrote them); writes
- * sum(gy) and sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
-static void bn_back_sums(float *gy, const float *h, const float *z, long images, int ho, int C, int side, int off,
-                         const float *mean, const float *inv, float *sums) {
+/* BatchNorm + ReLU backward for `images` images: src holds the gradient at the ReLU's output in the
+ * cells of grids laid out as h (side, off; rows when side is ho and off 0), h the ReLU's output as
+ * bn_relu wrote it; writes it masked by h > 0 into gy (rows, C) and adds sum(gy) and sum(gy * xhat)
+ * to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
+static void bn_back_sums(float *gy, const float *src, const float *h, const float *z, long images, int ho, int C,
+                         int side, int off, const float *mean, const float *inv, float *sums) {
     for (int c = 0; c < C / 16; c++) { /* 16 channels at a time, each channel's sums in row order */
         vec s0 = zero(), s1 = zero(), m = load(mean + c * 16), v = load(inv + c * 16);
         for (long j = 0; j < images; j++)
             for (int p = 0; p < ho * ho; p++) {
-                long r = j * ho * ho + p;
-                const float *hc = h + (j * side * side + (p / ho + off) * side + p % ho + off) * C + c * 16;
-                float *g = gy + r * C + c * 16;
-                vec gv = where_positive(load(g), load(hc)), zr = load(z + r * C + c * 16);
-                store(g, gv);
+                long r = j * ho * ho + p, cell = (j * side * side + (p / ho + off) * side + p % ho + off) * C + c * 16;
+                vec gv = where_positive(load(src + cell), load(h + cell)), zr = load(z + r * C + c * 16);
+                store(gy + r * C + c * 16, gv);
                 for (int q = 0; q < NV; q++) {
                     s0.q[q] += gv.q[q];
                     s1.q[q] += gv.q[q] * (zr.q[q] - m.q[q]) * v.q[q];
                 }
             }
+        add_(&s0, load(sums + c * 16));
+        add_(&s1, load(sums + SMAX + c * 16));
         store(sums + c * 16, s0);
         store(sums + SMAX + c * 16, s1);
     }
@@ -397,43 +413,48 @@ static void reduce_sums(const float *parts, int C, float *tot) {
 /* One slice (k) of a conv layer's backward pass between two BatchNorms: the output's
  * BatchNorm backward (gy_out, rows of CO, in place), the conv's (CI -> CO, input side hi,
  * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
- * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums). */
+ * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums, zeroed here). */
 INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, const void *wtb,
                        unsigned short *scr, float *gy_out,
                        const float *z_out, const float *mean_o, const float *inv_o, const float *gamma_o,
                        const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in, const float *mean_i,
                        const float *inv_i, float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
-    bn_back_apply(gy_out + a * ho * ho * CO, z_out + a * ho * ho * CO, (e - a) * ho * ho, CO, mean_o, inv_o, gamma_o,
-                  tot_o, n * (float)(ho * ho));
-    memset(gh + a * si, 0, (e - a) * si * sizeof(float));
+    const long so = (long)ho * ho * CO, ri = (long)hi * hi * CI;
     memset(d, 0, 9 * CI * (CO / 16) * sizeof(vec));
+    memset(sums, 0, 2 * SMAX * sizeof(float));
     if (!wtb) {
+        bn_back_apply(gy_out + a * so, z_out + a * so, (e - a) * ho * ho, CO, mean_o, inv_o, gamma_o, tot_o,
+                      n * (float)(ho * ho));
+        memset(gh + a * si, 0, (e - a) * si * sizeof(float));
 #define BACK(g, b) \
-    conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * ho * ho * CO, ho, d, gh + (long)(b) * si)
+    conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * so, ho, d, gh + (long)(b) * si)
         GROUPS(a, e, BACK);
 #undef BACK
+        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, z_in + a * ri, e - a, hi, CI, pi, 1, mean_i, inv_i,
+                     sums);
     }
 #if BF16
-    else { /* the slice's input grids and output gradients in bf16 (scr), then the conv's backward on them */
-        const long so = (long)ho * ho * CO;
-        bf16 *gb = scr;
-        unsigned *hp = (unsigned *)(gb + (e - a) * so); /* so is even: 4-byte aligned */
-        to_bf16(gy_out + a * so, gb, (e - a) * so);
-        pair_images(h_in + a * si, e - a, si, hp); /* groups start at even offsets from a: their pairs are these */
-#define BACK(g, b)                                                                                            \
-    conv3x3_bwd_bf16(g, CI, CO, hp + ((long)(b) - a) / 2 * si, pi, wtb, gy_out + (long)(b) * so,               \
-                     gb + ((long)(b) - a) * so, ho, d, gh + (long)(b) * si)
-        GROUPS(a, e, BACK);
+    else { /* group by group, so that what a group reads and writes stays in cache: the BatchNorm
+            * backward, the bf16 operands (scr: the group's input gradient grids in fp32, then its
+            * input grids paired, then its output gradients in bf16), the conv, the mask and sums */
+        float *ghg = (float *)scr;
+        unsigned *hp = (unsigned *)(ghg + G * si);
+        bf16 *gb = (bf16 *)(hp + (G + 1) / 2 * si);
+        for (long b = a; b < e; b += G) {
+            const int g = e - b < G ? (int)(e - b) : G;
+            bn_back_apply(gy_out + b * so, z_out + b * so, g * ho * ho, CO, mean_o, inv_o, gamma_o, tot_o,
+                          n * (float)(ho * ho));
+            to_bf16(gy_out + b * so, gb, g * so);
+            pair_images(h_in + b * si, g, si, hp);
+            memset(ghg, 0, g * si * sizeof(float));
+#define BACK(g, i) conv3x3_bwd_bf16(g, CI, CO, hp, pi, wtb, gy_out + (long)(i) * so, gb, ho, d, ghg)
+            GROUPS(b, b + g, BACK);
 #undef BACK
+            bn_back_sums(gy_in + b * ri, ghg, h_in + b * si, z_in + b * ri, g, hi, CI, pi, 1, mean_i, inv_i, sums);
+        }
     }
 #endif
-    for (long j = a; j < e; j++)
-        for (int p = 0; p < hi * hi; p++)
-            for (int c = 0; c < CI / 16; c++)
-                store(gy_in + (j * hi * hi + p) * CI + c * 16, load(gh + j * si + ((p / hi + 1) * pi + p % hi + 1) * CI + c * 16));
-    bn_back_sums(gy_in + a * hi * hi * CI, h_in + a * si, z_in + a * hi * hi * CI, e - a, hi, CI, pi, 1, mean_i, inv_i,
-                 sums);
 }
 
 /* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
@@ -470,8 +491,9 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
         for (long j = a; j < e; j++)
             for (int p = 0; p < 16; p++)
                 for (int c = 0; c < c3; c++) gy3[(j * 16 + p) * c3 + c] = gfeat[j * 16 * c3 + c * 16 + p];
-        bn_back_sums(gy3 + a * 16 * c3, h3 + a * 16 * c3, z3 + a * 16 * c3, e - a, 4, c3, 4, 0, mean3, inv3,
-                     part + k * 2 * SMAX);
+        memset(part + k * 2 * SMAX, 0, 2 * SMAX * sizeof(float));
+        bn_back_sums(gy3 + a * 16 * c3, gy3 + a * 16 * c3, h3 + a * 16 * c3, z3 + a * 16 * c3, e - a, 4, c3, 4, 0,
+                     mean3, inv3, part + k * 2 * SMAX);
     }
     reduce_sums(part, c3, tot3);
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
@@ -494,9 +516,12 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
         vec *dk = d1 + k * n1;
         memset(dk, 0, n1 * sizeof(vec));
 #if BF16
-        if (W.bmem) {
-            bn_back_apply(gy1 + a * 196 * c1, z1 + a * 196 * c1, (e - a) * 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
-            conv1_bwd_bf16(e - a, c1, xp + a * XF * XF, gy1 + a * 196 * c1, dk, W.scratch + k * W.per);
+        if (W.bmem) { /* group by group, the gradient staying in cache */
+            for (long b = a; b < e; b += G) {
+                const long g = e - b < G ? e - b : G;
+                bn_back_apply(gy1 + b * 196 * c1, z1 + b * 196 * c1, g * 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
+                conv1_bwd_bf16(g, c1, xp + b * XF * XF, gy1 + b * 196 * c1, dk, W.scratch + k * W.per);
+            }
             continue;
         }
 #endif
