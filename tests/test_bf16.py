@@ -23,6 +23,11 @@ def _grid(a, n, side, c) -> torch.Tensor:
     return torch.as_tensor(a).reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
+def _widen(a: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` bf16 values stored in a float32 array, as float32."""
+    return (a.reshape(-1).view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
+
+
 def _bn_back(g, z, mean, var, gamma) -> torch.Tensor:
     """BatchNorm's backward in training mode (batch statistics) in float64: the gradient at its input
     given g at its output; channels on axis 1."""
@@ -61,6 +66,8 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
         runs[bf16] = ([s.copy() for s in saved], grads, scratch, stats)
     saved, grads, scratch, stats = runs[True]
     xp, z1, h1, z2, h2, z3, _ = saved
+    # with bf16, h1 and h2 hold their grids in bf16, image by image
+    h1, h2 = (_widen(h, n * side * side * c) for h, side, c in ((h1, 15, c1), (h2, 9, c2)))
     gy3, gy2, gy1 = scratch[0], scratch[2], scratch[4]
     # conv1 on the standardised input in its zero-bordered 31x31 grid
     w1r = _bf16(params[0]).requires_grad_()

@@ -269,13 +269,16 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
         if (!given) channel_sums(z_out + a * so, (e - a) * ho * ho, CO, 0, sums);
     }
 #if BF16
-    else /* group by group, in cache: the BatchNorm and ReLU, the grids in bf16 (scr), the conv, the sums */
+    else /* group by group, in cache: the BatchNorm and ReLU into fp32 grids (scr), the grids in bf16 (h:
+          * saved so, image by image), the conv on them, the sums */
         for (long b = a; b < e; b += G) {
             const int g = e - b < G ? (int)(e - b) : G;
-            zero_border(h + b * si, g, pi, hi, CI);
-            bn_relu(z_in + b * ri, g, hi, CI, mean, var, gamma, beta, h + b * si, pi, 1);
-            to_bf16(h + b * si, scr, g * si);
-#define FWD(g, i) conv3x3_fwd_bf16(g, CI, CO, scr, pi, wb, z_out + (long)(i) * so, ho)
+            float *hg = (float *)scr;
+            bf16 *hb = (bf16 *)h + b * si;
+            zero_border(hg, g, pi, hi, CI);
+            bn_relu(z_in + b * ri, g, hi, CI, mean, var, gamma, beta, hg, pi, 1);
+            to_bf16(hg, hb, g * si);
+#define FWD(g, i) conv3x3_fwd_bf16(g, CI, CO, hb, pi, wb, z_out + (long)(i) * so, ho)
             GROUPS(b, b + g, FWD);
 #undef FWD
             if (!given) channel_sums(z_out + b * so, g * ho * ho, CO, 0, sums);
@@ -285,8 +288,10 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
 
 /* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, C1),
  * h1 (n, 15*15, C1), z2 (n, 49, C2), h2 (n, 9*9, C2), z3 (n, 16, C3), h3 (n, 16, C3); stats
- * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With `given` (evaluation
- * mode), stats holds the running means and variances on entry and normalises instead.
+ * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With bf16, h1 and h2
+ * hold the grids in bf16 (image by image, n * 225 * C1 and n * 81 * C2 values in their first half),
+ * which is what the bf16 backward reads. With `given` (evaluation mode), stats holds the running means
+ * and variances on entry and normalises instead.
  * Returns 0, or -1 for widths it does not take or where memory ran out (nothing written then). */
 int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, const float *w1, const float *g1,
                     const float *b1, const float *w2, const float *g2, const float *b2, const float *w3, const float *g3,
@@ -355,16 +360,22 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
 
 /* BatchNorm + ReLU backward for `images` images: src holds the gradient at the ReLU's output in the
  * cells of grids laid out as h (side, off; rows when side is ho and off 0), h the ReLU's output as
- * bn_relu wrote it; writes it masked by h > 0 into gy (rows, C) and adds sum(gy) and sum(gy * xhat)
- * to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
-static void bn_back_sums(float *gy, const float *src, const float *h, const float *z, long images, int ho, int C,
-                         int side, int off, const float *mean, const float *inv, float *sums) {
+ * bn_relu wrote it (or hb, the same in bf16, where h is NULL); writes the gradient masked by h > 0
+ * into gy (rows, C) and adds sum(gy) and sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps). */
+static void bn_back_sums(float *gy, const float *src, const float *h, const unsigned short *hb, const float *z,
+                         long images, int ho, int C, int side, int off, const float *mean, const float *inv,
+                         float *sums) {
     for (int c = 0; c < C / 16; c++) { /* 16 channels at a time, each channel's sums in row order */
         vec s0 = zero(), s1 = zero(), m = load(mean + c * 16), v = load(inv + c * 16);
         for (long j = 0; j < images; j++)
             for (int p = 0; p < ho * ho; p++) {
                 long r = j * ho * ho + p, cell = (j * side * side + (p / ho + off) * side + p % ho + off) * C + c * 16;
-                vec gv = where_positive(load(src + cell), load(h + cell)), zr = load(z + r * C + c * 16);
+#if BF16
+                vec gv = where_positive(load(src + cell), h ? load(h + cell) : widen_bf16(hb + cell));
+#else
+                vec gv = where_positive(load(src + cell), load(h + cell));
+#endif
+                vec zr = load(z + r * C + c * 16);
                 store(gy + r * C + c * 16, gv);
                 for (int q = 0; q < NV; q++) {
                     s0.q[q] += gv.q[q];
@@ -431,8 +442,8 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
     conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * so, ho, d, gh + (long)(b) * si)
         GROUPS(a, e, BACK);
 #undef BACK
-        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, z_in + a * ri, e - a, hi, CI, pi, 1, mean_i, inv_i,
-                     sums);
+        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, NULL, z_in + a * ri, e - a, hi, CI, pi, 1, mean_i,
+                     inv_i, sums);
     }
 #if BF16
     else { /* group by group, so that what a group reads and writes stays in cache: the BatchNorm
@@ -446,12 +457,13 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
             bn_back_apply(gy_out + b * so, z_out + b * so, g * ho * ho, CO, mean_o, inv_o, gamma_o, tot_o,
                           n * (float)(ho * ho));
             to_bf16(gy_out + b * so, gb, g * so);
-            pair_images(h_in + b * si, g, si, hp);
+            pair_bf16((const bf16 *)h_in + b * si, g, si, hp);
             memset(ghg, 0, g * si * sizeof(float));
 #define BACK(g, i) conv3x3_bwd_bf16(g, CI, CO, hp, pi, wtb, gy_out + (long)(i) * so, gb, ho, d, ghg)
             GROUPS(b, b + g, BACK);
 #undef BACK
-            bn_back_sums(gy_in + b * ri, ghg, h_in + b * si, z_in + b * ri, g, hi, CI, pi, 1, mean_i, inv_i, sums);
+            bn_back_sums(gy_in + b * ri, ghg, NULL, (const bf16 *)h_in + b * si, z_in + b * ri, g, hi, CI, pi, 1, mean_i,
+                         inv_i, sums);
         }
     }
 #endif
@@ -492,8 +504,8 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
             for (int p = 0; p < 16; p++)
                 for (int c = 0; c < c3; c++) gy3[(j * 16 + p) * c3 + c] = gfeat[j * 16 * c3 + c * 16 + p];
         memset(part + k * 2 * SMAX, 0, 2 * SMAX * sizeof(float));
-        bn_back_sums(gy3 + a * 16 * c3, gy3 + a * 16 * c3, h3 + a * 16 * c3, z3 + a * 16 * c3, e - a, 4, c3, 4, 0,
-                     mean3, inv3, part + k * 2 * SMAX);
+        bn_back_sums(gy3 + a * 16 * c3, gy3 + a * 16 * c3, h3 + a * 16 * c3, NULL, z3 + a * 16 * c3, e - a, 4, c3, 4,
+                     0, mean3, inv3, part + k * 2 * SMAX);
     }
     reduce_sums(part, c3, tot3);
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
