@@ -211,20 +211,28 @@ INLINE void conv3x3_bwd_bf16(const int g, int CI, int CO, const unsigned *in, in
     case 7: wgrad_bf16(7, 2, pairs, CI, in, pi, si, ho, gp, d); break;
     default: wgrad_bf16(8, 2, pairs, CI, in, pi, si, ho, gp, d); break;
     }
+    /* the input's gradient: a row of three taps at a time for the g images, 3 g sums in registers,
+     * each broadcast of an output gradient pair used three times */
     for (int oy = 0; oy < ho; oy++)
         for (int ox = 0; ox < ho; ox++) {
             const long pos = (oy * ho + ox) * CO;
-            for (int t = 0; t < 9; t++) {
-                const long cell = ((2 * oy + t / 3) * pi + 2 * ox + t % 3) * CI;
+            for (int ky = 0; ky < 3; ky++) {
+                const long row = ((2 * oy + ky) * pi + 2 * ox) * CI;
                 for (int ic = 0; ic < CI / 16; ic++) {
-                    __m512 acc[G];
-                    for (int j = 0; j < g; j++) acc[j] = _mm512_loadu_ps(gin + j * si + cell + ic * 16);
-                    const __m512i *w = wt + t * (CO / 2) * (CI / 16) + ic;
+                    __m512 acc[G][3];
+                    for (int j = 0; j < g; j++)
+                        for (int kx = 0; kx < 3; kx++) acc[j][kx] = _mm512_loadu_ps(gin + j * si + row + kx * CI + ic * 16);
+                    const __m512i *w = wt + ky * 3 * (CO / 2) * (CI / 16) + ic;
                     for (int q = 0; q < CO / 2; q++) {
-                        __m512bh wv = (__m512bh)w[q * (CI / 16)];
-                        for (int j = 0; j < g; j++) acc[j] = _mm512_dpbf16_ps(acc[j], bcast_pair(gzb + j * so + pos + 2 * q), wv);
+                        __m512bh wv[3];
+                        for (int kx = 0; kx < 3; kx++) wv[kx] = (__m512bh)w[(kx * (CO / 2) + q) * (CI / 16)];
+                        for (int j = 0; j < g; j++) {
+                            __m512bh x = bcast_pair(gzb + j * so + pos + 2 * q);
+                            for (int kx = 0; kx < 3; kx++) acc[j][kx] = _mm512_dpbf16_ps(acc[j][kx], x, wv[kx]);
+                        }
                     }
-                    for (int j = 0; j < g; j++) _mm512_storeu_ps(gin + j * si + cell + ic * 16, acc[j]);
+                    for (int j = 0; j < g; j++)
+                        for (int kx = 0; kx < 3; kx++) _mm512_storeu_ps(gin + j * si + row + kx * CI + ic * 16, acc[j][kx]);
                 }
             }
         }
