@@ -23,9 +23,15 @@ def _grid(a, n, side, c) -> torch.Tensor:
     return torch.as_tensor(a).reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
-def _widen(a: np.ndarray, count: int) -> np.ndarray:
-    """The first `count` bf16 values stored in a float32 array, as float32."""
-    return (a.reshape(-1).view(np.uint16)[:count].astype(np.uint32) << 16).view(np.float32)
+def _bn_relu(z, n, side, c, mean, var, gamma, beta, front, back) -> np.ndarray:
+    """BatchNorm (batch statistics) and ReLU of z (n, side * side, c) in float32 as the kernels compute
+    it (multiply-adds rounded once), in zero-bordered grids (front and back rows and columns of zeros),
+    channels last."""
+    f64 = np.float64
+    scale = (gamma / np.sqrt(var + np.float32(1e-5))).astype(np.float32)
+    shift = (beta.astype(f64) - mean.astype(f64) * scale).astype(np.float32)
+    h = np.maximum((z.reshape(n, side, side, c).astype(f64) * scale + shift).astype(np.float32), 0)
+    return np.pad(h, ((0, 0), (front, back), (front, back), (0, 0))).reshape(n, -1)
 
 
 def _bn_back(g, z, mean, var, gamma) -> torch.Tensor:
@@ -66,8 +72,9 @@ def test_every_bf16_product_is_the_exact_one_of_the_rounded_operands(mnist, widt
         runs[bf16] = ([s.copy() for s in saved], grads, scratch, stats)
     saved, grads, scratch, stats = runs[True]
     xp, z1, h1, z2, h2, z3, _ = saved
-    # with bf16, h1 and h2 hold their grids in bf16, image by image
-    h1, h2 = (_widen(h, n * side * side * c) for h, side, c in ((h1, 15, c1), (h2, 9, c2)))
+    # with bf16, h1 and h2 are not saved: the convs' inputs are BatchNorm and ReLU of z1 and z2
+    h1 = _bn_relu(z1, n, 14, c1, stats[0, :c1], stats[1, :c1], params[1], params[2], front=1, back=0)
+    h2 = _bn_relu(z2, n, 7, c2, stats[2, :c2], stats[3, :c2], params[4], params[5], front=1, back=1)
     gy3, gy2, gy1 = scratch[0], scratch[2], scratch[4]
     # conv1 on the standardised input in its zero-bordered 31x31 grid
     w1r = _bf16(params[0]).requires_grad_()

@@ -92,7 +92,7 @@ def _build() -> ctypes.CDLL:
     lib.seedcnn_forward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 11
     lib.seedcnn_backward.argtypes = [ctypes.c_int, ctypes.c_int] + [f] * 17
     lib.fastcnn_forward.argtypes = [ctypes.c_int] * 5 + [f] * 19 + [ctypes.c_int]
-    lib.fastcnn_backward.argtypes = [ctypes.c_int] * 4 + [f] * 29 + [ctypes.c_int]
+    lib.fastcnn_backward.argtypes = [ctypes.c_int] * 4 + [f] * 31 + [ctypes.c_int]
     lib.fastcnn_bf16.argtypes = []
     lib.fastcnn_bf16.restype = ctypes.c_int
     lib.fastcnn_head.argtypes = [ctypes.c_int] * 3 + [f] * 4 + [ctypes.c_float] + [f] * 5

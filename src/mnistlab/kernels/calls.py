@@ -106,8 +106,8 @@ def fastcnn_backward(params, saved, stats: np.ndarray, gfeat: np.ndarray, grads,
     n, widths = len(gfeat), param_widths(params)
     if scratch is None:
         scratch = [np.empty((n, size), np.float32) for size in fast_scratch(widths)]
-    w1, g1, _, w2, g2, _, w3, g3, _ = params
-    if library().fastcnn_backward(n, *widths, *map(_p, (w1, g1, w2, g2, w3, g3)), *map(_p, saved), _p(stats),
+    w1, g1, b1, w2, g2, b2, w3, g3, _ = params
+    if library().fastcnn_backward(n, *widths, *map(_p, (w1, g1, b1, w2, g2, b2, w3, g3)), *map(_p, saved), _p(stats),
                                   _p(gfeat), *map(_p, scratch), *map(_p, grads), int(bf16)):
         raise MemoryError("the compiled kernels could not allocate their buffers")
 

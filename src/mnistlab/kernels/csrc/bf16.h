@@ -132,28 +132,6 @@ static void pair_images(const float *in, long images, long len, unsigned *out) {
     }
 }
 
-/* `images` grids of `len` bf16 values as pairs of images value by value, as pair_images pairs fp32 ones. */
-static void pair_bf16(const bf16 *in, long images, long len, unsigned *out) {
-    for (long m = 0; 2 * m < images; m++) {
-        const bf16 *lo = in + 2 * m * len, *hi = lo + len;
-        const int two = 2 * m + 1 < images;
-        unsigned *o = out + m * len;
-        for (long v = 0; v < len; v += 16) {
-            const __mmask16 k = len - v >= 16 ? 0xFFFF : (__mmask16)((1u << (len - v)) - 1);
-            __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, lo + v));
-            __m512i b = two ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, hi + v)) : _mm512_setzero_si512();
-            _mm512_mask_storeu_epi32(o + v, k, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-        }
-    }
-}
-
-/* 16 bf16 values as the fp32 values they are */
-INLINE vec widen_bf16(const bf16 *p) {
-    vec v;
-    v.q[0] = (part)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-    return v;
-}
-
 /* conv3x3_bwd_bf16's weights' gradient for nc = CO / 16 output vectors and ib inputs at a time (both
  * constants where inlined, ib dividing CI): the ib x nc sums stay in registers while the positions
  * and image pairs go by. gp [position][nc][(G + 1) / 2]: the image pairs' output gradients, interleaved. */

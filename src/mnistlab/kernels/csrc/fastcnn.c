@@ -210,8 +210,9 @@ static int fload(FWeights *W, int n, int c1, int c2, int c3, const float *w1, co
         long s1 = 15L * c1 * 4, s2 = 9L * c1 * c2 * 2, s3 = 9L * c2 * c3 * 2, u = 3L * XF * XF;
         if (3L * Q1 * Q1 * c1 + 49L * c2 > u) u = 3L * Q1 * Q1 * c1 + 49L * c2;
         if (3L * Q2 * Q2 * c2 + 16L * c3 > u) u = 3L * Q2 * Q2 * c2 + 16L * c3;
-        /* a slice holds at most n / FPARTS + 1 images (one more for the pairs), a group G; 64-byte multiples */
-        W->per = ((n / FPARTS + 3 > G + 1 ? n / FPARTS + 3 : G + 1) * u + 31) / 32 * 32;
+        /* a slice holds at most n / FPARTS + 1 images (one more for the pairs), a group G (what back_layer
+         * keeps of it at most 2 G + 2 images' worth); 64-byte multiples */
+        W->per = ((n / FPARTS + 3 > 2 * G + 2 ? n / FPARTS + 3 : 2 * G + 2) * u + 31) / 32 * 32;
         W->bmem = aligned_alloc(64, s1 + 2 * (s2 + s3) + FPARTS * W->per * 2);
         if (!W->bmem) return 0;
         W->b2 = W->bmem, W->b2t = (char *)W->b2 + s2, W->b3 = (char *)W->b2t + s2, W->b3t = (char *)W->b3 + s3;
@@ -269,12 +270,12 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
         if (!given) channel_sums(z_out + a * so, (e - a) * ho * ho, CO, 0, sums);
     }
 #if BF16
-    else /* group by group, in cache: the BatchNorm and ReLU into fp32 grids (scr), the grids in bf16 (h:
-          * saved so, image by image), the conv on them, the sums */
+    else /* group by group, in cache: the BatchNorm and ReLU into fp32 grids (scr), the grids in bf16 (after
+          * them), the conv on them, the sums; h is not written (the backward recomputes the grids) */
         for (long b = a; b < e; b += G) {
             const int g = e - b < G ? (int)(e - b) : G;
             float *hg = (float *)scr;
-            bf16 *hb = (bf16 *)h + b * si;
+            bf16 *hb = (bf16 *)(hg + G * si);
             zero_border(hg, g, pi, hi, CI);
             bn_relu(z_in + b * ri, g, hi, CI, mean, var, gamma, beta, hg, pi, 1);
             to_bf16(hg, hb, g * si);
@@ -288,10 +289,9 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
 
 /* Saves for the backward pass: xp (n, 31*31) the standardised padded input, z1 (n, 196, C1),
  * h1 (n, 15*15, C1), z2 (n, 49, C2), h2 (n, 9*9, C2), z3 (n, 16, C3), h3 (n, 16, C3); stats
- * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With bf16, h1 and h2
- * hold the grids in bf16 (image by image, n * 225 * C1 and n * 81 * C2 values in their first half),
- * which is what the bf16 backward reads. With `given` (evaluation mode), stats holds the running means
- * and variances on entry and normalises instead.
+ * (6, SMAX): mean and biased variance of each BatchNorm; feats (n, 16 C3). With bf16, h1 and h2 are
+ * not written: the bf16 backward recomputes them from z1 and z2. With `given` (evaluation mode),
+ * stats holds the running means and variances on entry and normalises instead.
  * Returns 0, or -1 for widths it does not take or where memory ran out (nothing written then). */
 int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, const float *w1, const float *g1,
                     const float *b1, const float *w2, const float *g2, const float *b2, const float *w3, const float *g3,
@@ -360,22 +360,16 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
 
 /* BatchNorm + ReLU backward for `images` images: src holds the gradient at the ReLU's output in the
  * cells of grids laid out as h (side, off; rows when side is ho and off 0), h the ReLU's output as
- * bn_relu wrote it (or hb, the same in bf16, where h is NULL); writes the gradient masked by h > 0
- * into gy (rows, C) and adds sum(gy) and sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps). */
-static void bn_back_sums(float *gy, const float *src, const float *h, const unsigned short *hb, const float *z,
-                         long images, int ho, int C, int side, int off, const float *mean, const float *inv,
-                         float *sums) {
+ * bn_relu wrote it; writes the gradient masked by h > 0 into gy (rows, C) and adds sum(gy) and
+ * sum(gy * xhat) to sums (2, SMAX). inv: 1 / sqrt(var + eps) per channel. */
+static void bn_back_sums(float *gy, const float *src, const float *h, const float *z, long images, int ho, int C,
+                         int side, int off, const float *mean, const float *inv, float *sums) {
     for (int c = 0; c < C / 16; c++) { /* 16 channels at a time, each channel's sums in row order */
         vec s0 = zero(), s1 = zero(), m = load(mean + c * 16), v = load(inv + c * 16);
         for (long j = 0; j < images; j++)
             for (int p = 0; p < ho * ho; p++) {
                 long r = j * ho * ho + p, cell = (j * side * side + (p / ho + off) * side + p % ho + off) * C + c * 16;
-#if BF16
-                vec gv = where_positive(load(src + cell), h ? load(h + cell) : widen_bf16(hb + cell));
-#else
-                vec gv = where_positive(load(src + cell), load(h + cell));
-#endif
-                vec zr = load(z + r * C + c * 16);
+                vec gv = where_positive(load(src + cell), load(h + cell)), zr = load(z + r * C + c * 16);
                 store(gy + r * C + c * 16, gv);
                 for (int q = 0; q < NV; q++) {
                     s0.q[q] += gv.q[q];
@@ -424,12 +418,12 @@ static void reduce_sums(const float *parts, int C, float *tot) {
 /* One slice (k) of a conv layer's backward pass between two BatchNorms: the output's
  * BatchNorm backward (gy_out, rows of CO, in place), the conv's (CI -> CO, input side hi,
  * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
- * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums, zeroed here). */
+ * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums, zeroed here). The input
+ * BatchNorm (in: mean, variance, its inverse std, weight and bias) is what made h_in from z_in. */
 INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, const void *wtb,
-                       unsigned short *scr, float *gy_out,
-                       const float *z_out, const float *mean_o, const float *inv_o, const float *gamma_o,
-                       const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in, const float *mean_i,
-                       const float *inv_i, float *sums) {
+                       unsigned short *scr, float *gy_out, const float *z_out, const float *mean_o, const float *inv_o,
+                       const float *gamma_o, const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in,
+                       const float *in[5], float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
     const long so = (long)ho * ho * CO, ri = (long)hi * hi * CI;
     memset(d, 0, 9 * CI * (CO / 16) * sizeof(vec));
@@ -442,44 +436,47 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
     conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * so, ho, d, gh + (long)(b) * si)
         GROUPS(a, e, BACK);
 #undef BACK
-        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, NULL, z_in + a * ri, e - a, hi, CI, pi, 1, mean_i,
-                     inv_i, sums);
+        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, z_in + a * ri, e - a, hi, CI, pi, 1, in[0], in[2],
+                     sums);
     }
 #if BF16
-    else { /* group by group, so that what a group reads and writes stays in cache: the BatchNorm
-            * backward, the bf16 operands (scr: the group's input gradient grids in fp32, then its
-            * input grids paired, then its output gradients in bf16), the conv, the mask and sums */
-        float *ghg = (float *)scr;
-        unsigned *hp = (unsigned *)(ghg + G * si);
+    else { /* group by group, so that what a group reads and writes stays in cache (scr: its input
+            * gradient's grids, its input grids, both fp32, the input grids paired in bf16, its output
+            * gradients in bf16): the BatchNorm backward, the input grids again (as the forward made
+            * them), the bf16 operands, the conv, the mask and sums */
+        float *ghg = (float *)scr, *hg = ghg + G * si;
+        unsigned *hp = (unsigned *)(hg + G * si);
         bf16 *gb = (bf16 *)(hp + (G + 1) / 2 * si);
         for (long b = a; b < e; b += G) {
             const int g = e - b < G ? (int)(e - b) : G;
             bn_back_apply(gy_out + b * so, z_out + b * so, g * ho * ho, CO, mean_o, inv_o, gamma_o, tot_o,
                           n * (float)(ho * ho));
             to_bf16(gy_out + b * so, gb, g * so);
-            pair_bf16((const bf16 *)h_in + b * si, g, si, hp);
+            zero_border(hg, g, pi, hi, CI);
+            bn_relu(z_in + b * ri, g, hi, CI, in[0], in[1], in[3], in[4], hg, pi, 1);
+            pair_images(hg, g, si, hp);
             memset(ghg, 0, g * si * sizeof(float));
 #define BACK(g, i) conv3x3_bwd_bf16(g, CI, CO, hp, pi, wtb, gy_out + (long)(i) * so, gb, ho, d, ghg)
             GROUPS(b, b + g, BACK);
 #undef BACK
-            bn_back_sums(gy_in + b * ri, ghg, NULL, (const bf16 *)h_in + b * si, z_in + b * ri, g, hi, CI, pi, 1, mean_i,
-                         inv_i, sums);
+            bn_back_sums(gy_in + b * ri, ghg, hg, z_in + b * ri, g, hi, CI, pi, 1, in[0], in[2], sums);
         }
     }
 #endif
 }
 
 /* Gradients of sum(gfeat . feats) with respect to the conv weights and the BatchNorm weights and
- * biases. Scratch: gy3 (n, 16, C3), gh2 (n, 81, C2), gy2 (n, 49, C2), gh1 (n, 225, C1), gy1
- * (n, 196, C1). Outputs are overwritten: gw1 (C1,1,5,5), gg1, gb1 (C1), gw2 (C2,C1,3,3), gg2, gb2
- * (C2), gw3 (C3,C2,3,3), gg3, gb3 (C3). Returns 0, or -1 for widths it does not take or where
- * memory ran out (nothing written then). */
-int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float *g1, const float *w2, const float *g2,
-                     const float *w3, const float *g3, const float *xp, const float *z1, const float *h1,
-                     const float *z2, const float *h2, const float *z3, const float *h3, const float *stats,
-                     const float *gfeat, float *gy3, float *gh2, float *gy2, float *gh1, float *gy1, float *gw1,
-                     float *gg1, float *gb1, float *gw2, float *gg2, float *gb2, float *gw3, float *gg3, float *gb3,
-                     int bf16) {
+ * biases, from the parameters and what fastcnn_forward saved (with bf16, h1 and h2 are recomputed
+ * from z1 and z2 with the BatchNorms' weights and biases; otherwise b1 and b2 are unused). Scratch:
+ * gy3 (n, 16, C3), gh2 (n, 81, C2), gy2 (n, 49, C2), gh1 (n, 225, C1), gy1 (n, 196, C1). Outputs are
+ * overwritten: gw1 (C1,1,5,5), gg1, gb1 (C1), gw2 (C2,C1,3,3), gg2, gb2 (C2), gw3 (C3,C2,3,3), gg3,
+ * gb3 (C3). Returns 0, or -1 for widths it does not take or where memory ran out (nothing written then). */
+int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float *g1, const float *b1, const float *w2,
+                     const float *g2, const float *b2, const float *w3, const float *g3, const float *xp,
+                     const float *z1, const float *h1, const float *z2, const float *h2, const float *z3,
+                     const float *h3, const float *stats, const float *gfeat, float *gy3, float *gh2, float *gy2,
+                     float *gh1, float *gy1, float *gw1, float *gg1, float *gb1, float *gw2, float *gg2, float *gb2,
+                     float *gw3, float *gg3, float *gb3, int bf16) {
     FWeights W;
     if (!fload(&W, n, c1, c2, c3, w1, w2, w3, bf16)) return -1;
     const long n1 = conv_vecs(1, c1, 25), n2 = conv_vecs(c1, c2, 9), n3 = conv_vecs(c2, c3, 9);
@@ -496,6 +493,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
     inverse_std(var1, c1, inv1);
     inverse_std(var2, c2, inv2);
     inverse_std(var3, c3, inv3);
+    const float *bn1[5] = {mean1, var1, inv1, g1, b1}, *bn2[5] = {mean2, var2, inv2, g2, b2};
     /* BN3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
@@ -504,22 +502,20 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
             for (int p = 0; p < 16; p++)
                 for (int c = 0; c < c3; c++) gy3[(j * 16 + p) * c3 + c] = gfeat[j * 16 * c3 + c * 16 + p];
         memset(part + k * 2 * SMAX, 0, 2 * SMAX * sizeof(float));
-        bn_back_sums(gy3 + a * 16 * c3, gy3 + a * 16 * c3, h3 + a * 16 * c3, NULL, z3 + a * 16 * c3, e - a, 4, c3, 4,
-                     0, mean3, inv3, part + k * 2 * SMAX);
+        bn_back_sums(gy3 + a * 16 * c3, gy3 + a * 16 * c3, h3 + a * 16 * c3, z3 + a * 16 * c3, e - a, 4, c3, 4, 0,
+                     mean3, inv3, part + k * 2 * SMAX);
     }
     reduce_sums(part, c3, tot3);
     /* conv3 backward, BN2 sums; conv2 backward, BN1 sums */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, W.bmem ? W.b3t : NULL,
-                   W.bmem ? W.scratch + k * W.per : NULL, gy3, z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, mean2,
-                   inv2, part + k * 2 * SMAX);
+        back_layer(n, k, c2, c3, 7, 4, h2, W.w3t, W.bmem ? W.b3t : NULL, W.bmem ? W.scratch + k * W.per : NULL, gy3,
+                   z3, mean3, inv3, g3, tot3, gh2, d3 + k * n3, gy2, z2, bn2, part + k * 2 * SMAX);
     reduce_sums(part, c2, tot2);
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++)
-        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, W.bmem ? W.b2t : NULL,
-                   W.bmem ? W.scratch + k * W.per : NULL, gy2, z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, mean1,
-                   inv1, part + k * 2 * SMAX);
+        back_layer(n, k, c1, c2, 14, 7, h1, W.w2t, W.bmem ? W.b2t : NULL, W.bmem ? W.scratch + k * W.per : NULL, gy2,
+                   z2, mean2, inv2, g2, tot2, gh1, d2 + k * n2, gy1, z1, bn1, part + k * 2 * SMAX);
     reduce_sums(part, c1, tot1);
     /* conv1 backward (weights only) */
 #pragma omp parallel for schedule(static)
