@@ -77,9 +77,13 @@ def test_quick_plan_is_bounded_and_full_plan_runs_every_seed():
         else:
             assert j.get("epochs", PRESETS[j["preset"]]["epochs"]) <= 2, j
     full = bench.BenchPlan(seeds=(0, 1, 2)).jobs()
-    assert [j["seed"] for j in full if j["name"] == "mnistlab --preset fast"] == [0, 1, 2]
-    bf16 = [j["seed"] for j in full if j.get("precision") == "bf16"]
-    assert bf16 == ([0, 1, 2] if calls.bf16_available() else [])  # each right after its fp32 run
+    fast = [(j["seed"], j.get("precision")) for j in full if j.get("preset") == "fast"]
+    if calls.bf16_available():  # each seed in fp32, then in bf16 right after it, each row named
+        assert fast == [(s, p) for s in (0, 1, 2) for p in ("fp32", "bf16")]
+        assert {j["name"] for j in full if j.get("precision")} == {f"mnistlab --preset fast --precision {p}"
+                                                                   for p in ("fp32", "bf16")}
+    else:
+        assert fast == [(0, None), (1, None), (2, None)]
     assert not [j for j in bench.BenchPlan(device="cuda").jobs() if j.get("precision")]
 
 
@@ -119,7 +123,8 @@ def test_the_seed_benchmark_script_runs_both_sides():
 
 
 def test_the_table_states_bf16_beside_fp32_from_one_run():
-    runs = [_measured("mnistlab --preset fast", [0.99], t, seed=i) for i, t in enumerate((3.0, 2.8, 3.2))]
+    runs = [_measured("mnistlab --preset fast --precision fp32", [0.99], t, seed=i)
+            for i, t in enumerate((3.0, 2.8, 3.2))]
     runs += [_measured("mnistlab --preset fast --precision bf16", [0.99], t, seed=i)
              for i, t in enumerate((2.4, 2.0, 2.2))]
     table = bench.markdown(bench.summarize(runs, peak=100e9), 100e9, bench.BenchPlan(), "mnistlab bench")

@@ -3,6 +3,8 @@ the same product computed exactly (float64) from the bf16-rounded operands, and 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,23 @@ def test_the_fp32_kernels_stay_where_bf16_is_not_asked(monkeypatch, small_dir, t
                  "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert main(["train", "--preset", "fast", "--epochs", "1", "--data-dir", str(small_dir),
                  "--out", str(tmp_path / "ok"), "--device", "cpu"]) == 0
+    # the preset's "auto" came to fp32 here, and the run says so
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["precision"] == "fp32"
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text())["precision"] == "fp32"
+
+
+def test_the_presets_take_bf16_where_it_is(tmp_path, small_dir):
+    """--preset fast's precision "auto" is bf16 on this CPU, and the run records bf16 (config.json, which a
+    resume reads, summary.json and the checkpoint); --precision fp32 still gives fp32."""
+    from mnistlab.cli import main
+    from mnistlab.run.checkpoint import read_state
+
+    args = ["train", "--preset", "fast", "--epochs", "1", "--data-dir", str(small_dir), "--device", "cpu"]
+    for run, extra, precision in (("auto", [], "bf16"), ("fp32", ["--precision", "fp32"], "fp32")):
+        assert main(args + extra + ["--out", str(tmp_path / run)]) == 0
+        assert json.loads((tmp_path / run / "config.json").read_text())["precision"] == precision
+        assert json.loads((tmp_path / run / "summary.json").read_text())["precision"] == precision
+        assert read_state(tmp_path / run, arrays=False)[0]["precision"] == precision
 
 
 def test_bf16_is_refused_where_autograd_trains(tmp_path, small_dir):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,6 +43,26 @@ def test_the_rule_picks_the_kernel_engine_for_fastcnn_models_on_the_cpu(monkeypa
         assert choose.choose_engine(TrainConfig(model=name), "cpu") == engine.AUTOGRAD
     monkeypatch.setattr(build, "available", lambda: False)
     assert choose.choose_engine(TrainConfig.from_preset("fast"), "cpu") == engine.AUTOGRAD
+
+
+def test_the_precision_rule(monkeypatch):
+    """auto: bf16 only where the kernel engine trains in one process and the bf16 kernels are here;
+    fp32 and bf16 as given; the presets fast and best ask for auto, plain models for fp32."""
+    from mnistlab.config import PRESETS
+    from mnistlab.kernels import calls
+
+    here = "bf16" if calls.bf16_available() else "fp32"
+    fast = TrainConfig.from_preset("fast")
+    assert fast.precision == PRESETS["best"]["precision"] == "auto" and TrainConfig().precision == "fp32"
+    assert choose.resolve_precision(fast, "cpu").precision == here
+    assert choose.resolve_precision(TrainConfig.from_preset("best"), "cpu").precision == here
+    assert choose.resolve_precision(fast, "cuda").precision == "fp32"
+    assert choose.resolve_precision(replace(fast, nproc=2), "cpu").precision == "fp32"
+    assert choose.resolve_precision(replace(fast, model="cnn"), "cpu").precision == "fp32"
+    for given in ("fp32", "bf16"):
+        assert choose.resolve_precision(replace(fast, precision=given), "cuda").precision == given
+    monkeypatch.setenv("MNISTLAB_BF16", "0")  # as on a CPU without AVX512-BF16
+    assert choose.resolve_precision(fast, "cpu").precision == "fp32"
 
 
 def test_the_device_rule(monkeypatch):

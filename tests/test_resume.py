@@ -65,8 +65,9 @@ def _start_and_interrupt(cmd, run, sig):
 
 @pytest.mark.parametrize(("extra", "epochs"),
                          [([], EPOCHS), (["--ema", "0.99"], EPOCHS),
-                          (["--model", "fastcnn", "--batch-size", "32"], 6)],  # 0.45 s epochs: 6 are enough
-                         ids=["plain", "ema", "kernels"])
+                          (["--model", "fastcnn", "--batch-size", "32"], 6),  # 0.45 s epochs: 6 are enough
+                          (["--preset", "fast", "--batch-size", "32"], 6)],  # precision auto: bf16 where it can
+                         ids=["plain", "ema", "kernels", "preset"])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, medium_dir, extra, epochs):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_train_cmd(medium_dir, reference, epochs) + extra, check=True, capture_output=True)

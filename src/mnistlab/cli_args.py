@@ -89,6 +89,15 @@ def default(name: str):
     return TrainConfig.__dataclass_fields__[name].default
 
 
+def _precision_defaults() -> str:
+    """Which presets default to which precision, and the plain default."""
+    by = {}
+    for name, values in PRESETS.items():
+        by.setdefault(values.get("precision", default("precision")), []).append(name)
+    named = [f"{p} with --preset {' or '.join(names)}" for p, names in by.items() if p != default("precision")]
+    return ", ".join(named + [f"else {default('precision')}"])
+
+
 def _presets_help() -> str:
     """Each preset's values, as the help of --preset shows them."""
     def values(p: dict) -> str:
@@ -148,7 +157,8 @@ def _add_train(sub) -> None:
                         "validation image and its 8 one-pixel shifts (default: off)")
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="bf16: the kernel engine's convolutions from bf16 operands summed in fp32, on CPUs with "
-                        f"AVX512-BF16; weights, gradients and the update stay fp32 (default: {default('precision')})")
+                        "AVX512-BF16; weights, gradients and the update stay fp32. auto: bf16 where it can, else fp32 "
+                        f"(default: {_precision_defaults()})")
     p.add_argument("--drop-last", action="store_true", default=None,
                    help="every step a full batch: each epoch's last partial batch is left out (a new one each epoch, "
                         "as the order is reshuffled); on CUDA the step is then captured once as a CUDA graph and "

@@ -33,7 +33,9 @@ AUGMENTS = {
 }
 AUGMENT_NAMES = tuple(AUGMENTS)
 SCHEDULES = ("constant", "onecycle")  # mnistlab.train.schedule.learning_rate
-PRECISIONS = ("fp32", "bf16")  # the kernel engine's convolutions: mnistlab.kernels.calls.bf16_available
+# the kernel engine's convolutions (mnistlab.kernels.calls.bf16_available); "auto": bf16 where the kernel
+# engine trains and the CPU has the instructions, else fp32 (mnistlab.train.choose.resolve_precision)
+PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda")  # mnistlab.train.device.resolve_device
 RECORDED = ("resolved_device",)  # written into a run's config.json beside its settings; not settings
 
@@ -48,14 +50,15 @@ PRESETS = {
     # The seed's CNN exactly as its walk-through trains it.
     "seed": {"model": "cnn", "epochs": 15, "batch_size": 64, "lr": 0.1, "momentum": 0.9},
     # Time to 99%: a small BatchNorm CNN, two epochs, one-cycle Nesterov SGD, label smoothing.
-    # Chosen on the seed split (benchmarks/bench_choices.py measures the alternatives).
+    # Chosen on the seed split (benchmarks/bench_choices.py measures the alternatives). Both this and
+    # best keep their accuracy with bf16 convolutions (docs/performance.md): "auto" takes them where it can.
     "fast": {"model": "fastcnn", "epochs": 2, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "nesterov": True,
-             "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1},
+             "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1, "precision": "auto"},
     # Accuracy on the standard test set: the wide FastCNN (compiled kernels), affine augmentation, 65
     # one-cycle epochs (about 13 minutes on 2 cores), scored with test-time augmentation (chosen on the holdout split).
     "best": {"model": "widecnn", "epochs": 65, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1, "augment": "affine",
-             "split": "standard", "tta": True},
+             "split": "standard", "tta": True, "precision": "auto"},
 }
 
 
@@ -81,7 +84,7 @@ class TrainConfig:
     augment: str = "none"  # "none"; "affine": random shifts, rotations, scaling; "elastic": also warps (augment.py)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0: off
     tta: bool = False  # final score (summary.json): probabilities averaged over the image and its 8 1-px shifts
-    precision: str = "fp32"  # "bf16": the kernel engine's convolutions from bf16 operands, summed in fp32
+    precision: str = "fp32"  # "bf16": the kernel engine's convolutions from bf16 operands, summed in fp32; "auto"
     drop_last: bool = False  # every step a full batch: each epoch's last partial batch (of a new order) left out
     subsample: float = 1.0  # fraction of the training part this run trains on, drawn with its seed; 1: all of it
     nproc: int = 1  # processes training this run together (data-parallel, torchrun); the PyTorch engine

@@ -56,13 +56,14 @@ class BenchPlan:
         ]
 
     def _fast(self, seed: int) -> list[dict]:
-        """The fast preset for one seed; where the kernels have bf16 convolutions, with them too, right after."""
+        """The fast preset for one seed; where the kernels have bf16 convolutions (the preset's default
+        there), in fp32 and in bf16 right after it, each named."""
         from ..kernels.calls import bf16_available
 
-        fp32 = {"name": "mnistlab --preset fast", "kind": "preset", "preset": "fast", "seed": seed}
+        job = {"name": "mnistlab --preset fast", "kind": "preset", "preset": "fast", "seed": seed}
         if self.device != "cpu" or not bf16_available():
-            return [fp32]
-        return [fp32, {**fp32, "name": "mnistlab --preset fast --precision bf16", "precision": "bf16"}]
+            return [job]
+        return [{**job, "name": f"{job['name']} --precision {p}", "precision": p} for p in ("fp32", "bf16")]
 
 
 @dataclass
@@ -260,7 +261,7 @@ def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> st
         )
     by_name = {r["recipe"]: r for r in rows}
     for r in rows:
-        base = by_name.get(r["recipe"].replace(" --precision bf16", ""))
+        base = by_name.get(r["recipe"].replace(" --precision bf16", " --precision fp32"))
         if base is not r and base is not None:
             lines += ["", f"{r['recipe']}: training {base['train_seconds'] / r['train_seconds']:.2f}x as fast as "
                           f"fp32 in this run ({r['train_seconds']:.2f} s against {base['train_seconds']:.2f} s, "

@@ -74,6 +74,7 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
         batch = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "epoch": 0, "stopped": {}}
     else:
         raise UsageError(f"unknown mode {mode!r} for a batch; expected {START} or {RESUME}")
+    configs = [replace(c, precision="fp32") if c.precision == "auto" else c for c in configs]
     first = configs[0]
     if first.precision != "fp32" or first.nproc > 1 or first.sync_bn:
         raise UsageError("--batched trains in fp32 in one process; leave out --precision bf16, --nproc and --sync-bn")

@@ -23,7 +23,7 @@ from ..data.mnist import Dataset, load_dataset
 from ..errors import RunError, UsageError
 from ..files import write_json_atomic
 from ..train import distributed
-from ..train.choose import check_processes, create_engine
+from ..train.choose import check_processes, create_engine, resolve_precision
 from ..train.device import resolve_device, set_deterministic
 from ..train.engine import AUTOGRAD, Engine
 from ..train.loop import train_epochs
@@ -122,6 +122,7 @@ def run_training(config: TrainConfig | None, run_dir: str | os.PathLike | None =
     elif config is None:
         raise UsageError(f"mode {mode!r} needs a config")
     device = resolve_device(config.device)
+    config = resolve_precision(config, device)  # what config.json records: a resumed run keeps it
     check_processes(config, device)
     if device == "cuda":
         set_deterministic(config.deterministic)

@@ -8,6 +8,8 @@ started it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..config import FASTCNN_WIDTHS, TrainConfig
 from ..errors import RunError, UsageError
 from ..kernels.calls import FASTCNN, applies, bf16_available
@@ -18,6 +20,15 @@ def choose_engine(config: TrainConfig, device: str) -> str:
     """The rule: ``kernels`` for a FastCNN model where the compiled kernels compute it, else ``autograd``."""
     fits = config.model in FASTCNN_WIDTHS and applies(FASTCNN, device, widths=FASTCNN_WIDTHS[config.model])
     return KERNELS if fits else AUTOGRAD
+
+
+def resolve_precision(config: TrainConfig, device: str) -> TrainConfig:
+    """``config`` with its precision settled: ``auto`` becomes ``bf16`` where the kernel engine trains it
+    and the CPU has the bf16 kernels, ``fp32`` elsewhere; fp32 and bf16 stay as they are."""
+    if config.precision != "auto":
+        return config
+    fast = choose_engine(config, device) == KERNELS and config.nproc == 1 and bf16_available()
+    return replace(config, precision="bf16" if fast else "fp32")
 
 
 def check_processes(config: TrainConfig, device: str, name: str | None = None) -> None:
@@ -40,6 +51,7 @@ def check_processes(config: TrainConfig, device: str, name: str | None = None) -
 def create_engine(config: TrainConfig, num_classes: int, device: str, name: str | None = None) -> Engine:
     """A fresh engine for ``config`` (``name``: the one a checkpoint names; default :func:`choose_engine`)."""
     name = FORMER_NAMES.get(name, name) or choose_engine(config, device)
+    config = resolve_precision(config, device)
     if name == BATCHED:
         raise RunError("this run trained in a batch with other seeds; resume the batch: mnistlab train --resume "
                        "OUT (the folder holding its batch.json)")

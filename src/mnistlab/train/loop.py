@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -93,9 +94,10 @@ def fit(model, x_train, y_train, x_valid, y_valid, config: TrainConfig | None = 
         config = TrainConfig.from_dict(overrides)
     elif overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
-    if config.precision != "fp32":
+    if config.precision == "bf16":
         raise UsageError("fit trains the model it is handed with autograd, in fp32; --precision bf16 is the kernel "
                          "engine's (train_run with a fastcnn or widecnn config)")
+    config = replace(config, precision="fp32")  # what "auto" comes to here
     engine = AutogradEngine(model, config, resolve_device(config.device))
     history = History()
     history.valid_proba = train_epochs(engine, config, x_train, y_train, x_valid, y_valid, history, on_batch,
