@@ -140,7 +140,7 @@ def test_the_fp32_kernels_stay_where_bf16_is_not_asked(monkeypatch, small_dir, t
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["precision"] == "fp32"
 
 
-def test_the_presets_take_bf16_where_it_is(tmp_path, small_dir):
+def test_the_presets_take_bf16_where_it_is(tmp_path, small_dir, capsys):
     """--preset fast's precision "auto" is bf16 on this CPU, and the run records bf16 (config.json, which a
     resume reads, summary.json and the checkpoint); --precision fp32 still gives fp32."""
     from mnistlab.cli import main
@@ -149,6 +149,8 @@ def test_the_presets_take_bf16_where_it_is(tmp_path, small_dir):
     args = ["train", "--preset", "fast", "--epochs", "1", "--data-dir", str(small_dir), "--device", "cpu"]
     for run, extra, precision in (("auto", [], "bf16"), ("fp32", ["--precision", "fp32"], "fp32")):
         assert main(args + extra + ["--out", str(tmp_path / run)]) == 0
+        banner = capsys.readouterr().out.splitlines()[0]  # the banner says what the run computes in
+        assert ("precision bf16" in banner) == (precision == "bf16") and "precision auto" not in banner
         assert json.loads((tmp_path / run / "config.json").read_text())["precision"] == precision
         assert json.loads((tmp_path / run / "summary.json").read_text())["precision"] == precision
         assert read_state(tmp_path / run, arrays=False)[0]["precision"] == precision

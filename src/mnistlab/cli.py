@@ -45,7 +45,8 @@ def describe_sgd(config) -> str:
 
 def describe_recipe(config) -> str:
     """What every training banner says of a recipe."""
-    return f"{config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}, split {config.split}"
+    precision = "" if config.precision == "fp32" else f", precision {config.precision}"
+    return f"{config.epochs} epochs, batch {config.batch_size}, {describe_sgd(config)}{precision}, split {config.split}"
 
 
 def epoch_line(r: dict, epochs: int) -> str:
