@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,11 +126,19 @@ def test_the_seed_benchmark_script_runs_both_sides():
 def test_the_table_states_bf16_beside_fp32_from_one_run():
     runs = [_measured("mnistlab --preset fast --precision fp32", [0.99], t, seed=i)
             for i, t in enumerate((3.0, 2.8, 3.2))]
-    runs += [_measured("mnistlab --preset fast --precision bf16", [0.99], t, seed=i)
+    runs += [replace(_measured("mnistlab --preset fast --precision bf16", [0.99], t, seed=i), precision="bf16")
              for i, t in enumerate((2.4, 2.0, 2.2))]
-    table = bench.markdown(bench.summarize(runs, peak=100e9), 100e9, bench.BenchPlan(), "mnistlab bench")
+    rows = bench.summarize(runs, peak=100e9, peak_bf16=250e9)
+    table = bench.markdown(rows, 100e9, bench.BenchPlan(), "mnistlab bench", peak_bf16=250e9)
     assert "mnistlab --preset fast --precision bf16: training 1.36x as fast as fp32 in this run (2.20 s against " \
            "3.00 s, medians)" in table
+    assert "peak (fp32 matrix product): 100 GFLOP/s; bf16 matrix product (the bf16 runs' peak): 250 GFLOP/s" in table
+    # each row against its own precision's peak: 1 MFLOP an image at 50,000 / 3.0 s and 50,000 / 2.2 s
+    fp32, bf16 = rows
+    assert fp32["percent_of_peak"] == pytest.approx(100 * 1e6 * 50000 / 3.0 / 100e9)
+    assert bf16["percent_of_peak"] == pytest.approx(100 * 1e6 * 50000 / 2.2 / 250e9)
+    # without a bf16 peak (a CPU without the kernels), every row against the fp32 one
+    assert bench.summarize(runs, peak=100e9)[1]["percent_of_peak"] == pytest.approx(100 * 1e6 * 50000 / 2.2 / 100e9)
 
 
 def test_the_bf16_step_benchmark_times_both_precisions():

@@ -7,8 +7,9 @@ the training's floating-point rate from the model's counted FLOPs per image (for
 backward), and that rate as a fraction of this machine's peak, taken as the best rate
 of a large fp32 matrix product here (what the CPU's BLAS reaches; the small convolutions
 of these models cannot do better), measured before and after the recipes, the higher
-kept. Our presets also report the whole command's wall time, where it goes (the run's
-phases from summary.json), and peak memory (RSS).
+kept; runs that trained in bf16 against the best rate of a bf16 matrix product, measured the
+same way where the CPU has the bf16 kernels. Our presets also report the whole command's wall
+time, where it goes (the run's phases from summary.json), and peak memory (RSS).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Measured:
     flops_per_image: float = 0.0
     seed: int = 0
     timings: dict = field(default_factory=dict)  # our presets: summary.json's phases of the run
+    precision: str = "fp32"  # our presets: what the run trained in (summary.json)
 
     @property
     def train_seconds(self) -> float:
@@ -92,11 +94,11 @@ class Measured:
         return next((e["train_seconds"] for e in self.epochs if e["valid_acc"] >= target), None)
 
 
-def peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """The best fp32 FLOP/s of ``size`` x ``size`` matrix products on ``device`` (the CPU: all threads;
-    a GPU: 8192 x 8192, TF32 as PyTorch leaves it)."""
+def peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """The best FLOP/s of ``size`` x ``size`` matrix products of ``dtype`` (fp32, or bf16 operands) on
+    ``device`` (the CPU: all threads; a GPU: 8192 x 8192, TF32 as PyTorch leaves it for fp32)."""
     size = 8192 if device == "cuda" else size
-    a, b = torch.rand(size, size, device=device), torch.rand(size, size, device=device)
+    a, b = (torch.rand(size, size, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -171,7 +173,8 @@ def run_job(job: dict, device: str = "cpu") -> Measured:
             result.epochs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         else:
             result.epochs = _preset_epochs(run_dir)
-            result.timings = json.loads((run_dir / "summary.json").read_text()).get("timings", {})
+            summary = json.loads((run_dir / "summary.json").read_text())
+            result.timings, result.precision = summary.get("timings", {}), summary.get("precision", "fp32")
     return result
 
 
@@ -199,8 +202,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def summarize(results: list[Measured], peak: float) -> list[dict]:
-    """One row per recipe name (several seeds: medians of speed, mean and min of accuracy)."""
+def summarize(results: list[Measured], peak: float, peak_bf16: float | None = None) -> list[dict]:
+    """One row per recipe name (several seeds: medians of speed, mean and min of accuracy); the % of
+    peak against ``peak_bf16`` for runs that trained in bf16, where it was measured."""
     import statistics
 
     rows, by_name = [], {}
@@ -218,7 +222,8 @@ def summarize(results: list[Measured], peak: float) -> list[dict]:
             "seconds_to_99": statistics.median(reach) if all(t is not None for t in reach) else None,
             "images_per_second": ips,
             "gflops": runs[0].flops_per_image * ips / 1e9,
-            "percent_of_peak": 100 * runs[0].flops_per_image * ips / peak,
+            "percent_of_peak": 100 * runs[0].flops_per_image * ips / (
+                peak_bf16 if peak_bf16 and runs[0].precision == "bf16" else peak),
             "mflops_per_image": runs[0].flops_per_image / 1e6,
             "wall_seconds": statistics.median(r.wall_seconds for r in runs),
             "max_rss_mb": max(r.max_rss_mb for r in runs),
@@ -239,12 +244,14 @@ def _device_name(plan: BenchPlan) -> str:
     return plan.device
 
 
-def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> str:
+def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str, peak_bf16: float | None = None) -> str:
     def num(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    bf16 = f"; bf16 matrix product (the bf16 runs' peak): {peak_bf16 / 1e9:.0f} GFLOP/s" if peak_bf16 else ""
     lines = [
-        f"Machine: {machine()}; peak (fp32 matrix product): {peak / 1e9:.0f} GFLOP/s. Device: {_device_name(plan)}.",
+        f"Machine: {machine()}; peak (fp32 matrix product): {peak / 1e9:.0f} GFLOP/s{bf16}. "
+        f"Device: {_device_name(plan)}.",
         f"Command: `{command}`{' (quick: bounded runs, speed only)' if plan.quick else ''}.",
         "",
         "| recipe | runs | epochs | valid acc (mean / min) | s to 99% | training s | images/s | vs seed code "
@@ -281,18 +288,24 @@ def markdown(rows: list[dict], peak: float, plan: BenchPlan, command: str) -> st
 
 def run_bench(plan: BenchPlan, on_result=None) -> dict:
     """Run ``plan``'s jobs one after another; ``on_result(Measured)`` after each. Returns the
-    ``rows`` (:func:`summarize`), the Markdown ``table``, the ``peak`` FLOP/s and the ``machine``."""
+    ``rows`` (:func:`summarize`), the Markdown ``table``, the ``peak`` FLOP/s (``peak_bf16``: the bf16
+    one, or None where not measured) and the ``machine``."""
+    from ..kernels.calls import bf16_available
     from ..train.device import resolve_device
 
     resolve_device(plan.device)  # a clear error before minutes of work
-    peak = peak_flops(device=plan.device)
+    dtypes = [torch.float32] + ([torch.bfloat16] if plan.device == "cpu" and bf16_available() else [])
+    peaks = [peak_flops(device=plan.device, dtype=d) for d in dtypes]
     results = []
     for job in plan.jobs():
         results.append(run_job(job, plan.device))
         if on_result is not None:
             on_result(results[-1])
-    peak = max(peak, peak_flops(device=plan.device))  # measured again: a busy moment only lowers the figure
-    rows = summarize(results, peak)
+    # measured again: a busy moment only lowers the figure
+    peaks = [max(p, peak_flops(device=plan.device, dtype=d)) for p, d in zip(peaks, dtypes, strict=True)]
+    peak, peak_bf16 = peaks[0], (peaks[1] if len(peaks) > 1 else None)
+    rows = summarize(results, peak, peak_bf16)
     command = "mnistlab bench" + (" --quick" if plan.quick else "") + (
         f" --device {plan.device}" if plan.device != "cpu" else "")
-    return {"rows": rows, "table": markdown(rows, peak, plan, command), "peak": peak, "machine": machine()}
+    return {"rows": rows, "table": markdown(rows, peak, plan, command, peak_bf16), "peak": peak,
+            "peak_bf16": peak_bf16, "machine": machine()}
