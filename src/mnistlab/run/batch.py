@@ -20,7 +20,9 @@ from ..config import History, TrainConfig
 from ..data.mnist import Dataset, load_dataset
 from ..errors import TrainingDiverged, UsageError
 from ..files import write_json_atomic
+from ..train.choose import resolve_precision
 from ..train.device import resolve_device, set_deterministic
+from ..train.engine import BATCHED
 from ..train.loop import check_loss, check_outputs, epoch_record
 from . import checkpoint
 from .driver import RESUME, START, RunResult, RunWriter
@@ -74,11 +76,11 @@ def train_batch(config: TrainConfig | None, seeds: list[int] | None, out: str | 
         batch = {"config": {**config.to_dict(), "seed": None}, "seeds": list(seeds), "epoch": 0, "stopped": {}}
     else:
         raise UsageError(f"unknown mode {mode!r} for a batch; expected {START} or {RESUME}")
-    configs = [replace(c, precision="fp32") if c.precision == "auto" else c for c in configs]
+    device = resolve_device(configs[0].device)
+    configs = [resolve_precision(c, device, BATCHED) for c in configs]
     first = configs[0]
     if first.precision != "fp32" or first.nproc > 1 or first.sync_bn:
         raise UsageError("--batched trains in fp32 in one process; leave out --precision bf16, --nproc and --sync-bn")
-    device = resolve_device(first.device)
     if device == "cuda":
         set_deterministic(first.deterministic)
     phases = Phases()  # shared: the members' phases are the batch's

@@ -22,12 +22,13 @@ def choose_engine(config: TrainConfig, device: str) -> str:
     return KERNELS if fits else AUTOGRAD
 
 
-def resolve_precision(config: TrainConfig, device: str) -> TrainConfig:
+def resolve_precision(config: TrainConfig, device: str, engine: str | None = None) -> TrainConfig:
     """``config`` with its precision settled: ``auto`` becomes ``bf16`` where the kernel engine trains it
-    and the CPU has the bf16 kernels, ``fp32`` elsewhere; fp32 and bf16 stay as they are."""
+    (``engine``, default by the rule) and the CPU has the bf16 kernels, ``fp32`` elsewhere; fp32 and
+    bf16 stay as they are."""
     if config.precision != "auto":
         return config
-    fast = choose_engine(config, device) == KERNELS and config.nproc == 1 and bf16_available()
+    fast = (engine or choose_engine(config, device)) == KERNELS and config.nproc == 1 and bf16_available()
     return replace(config, precision="bf16" if fast else "fp32")
 
 

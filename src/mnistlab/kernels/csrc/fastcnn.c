@@ -28,6 +28,9 @@ int fastcnn_bf16(void) { return BF16; }
 
 static inline int fslice(int n, int k) { return (int)((long)n * k / FPARTS); }
 
+/* Images in the group that starts at b of a slice ending at e: G, or what is left. */
+static inline int group(long b, long e) { return e - b < G ? (int)(e - b) : G; }
+
 /* Image j of the batch, standardised, into a zero-bordered 31x31 grid (offset 2). */
 static void pad_standardised(const float *x, float *xp) {
     memset(xp, 0, XF * XF * sizeof(float));
@@ -270,13 +273,14 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
         if (!given) channel_sums(z_out + a * so, (e - a) * ho * ho, CO, 0, sums);
     }
 #if BF16
-    else /* group by group, in cache: the BatchNorm and ReLU into fp32 grids (scr), the grids in bf16 (after
-          * them), the conv on them, the sums; h is not written (the backward recomputes the grids) */
+    else { /* group by group, in cache: the BatchNorm and ReLU into fp32 grids (scr; their borders stay
+            * zero), the grids in bf16 (after them), the conv on them, the sums; h is not written (the
+            * backward recomputes the grids) */
+        float *hg = (float *)scr;
+        bf16 *hb = (bf16 *)(hg + G * si);
+        zero_border(hg, G, pi, hi, CI);
         for (long b = a; b < e; b += G) {
-            const int g = e - b < G ? (int)(e - b) : G;
-            float *hg = (float *)scr;
-            bf16 *hb = (bf16 *)(hg + G * si);
-            zero_border(hg, g, pi, hi, CI);
+            const int g = group(b, e);
             bn_relu(z_in + b * ri, g, hi, CI, mean, var, gamma, beta, hg, pi, 1);
             to_bf16(hg, hb, g * si);
 #define FWD(g, i) conv3x3_fwd_bf16(g, CI, CO, hb, pi, wb, z_out + (long)(i) * so, ho)
@@ -284,6 +288,7 @@ INLINE void fwd_layer(int n, int k, int given, int CI, int CO, int hi, int ho, c
 #undef FWD
             if (!given) channel_sums(z_out + b * so, g * ho * ho, CO, 0, sums);
         }
+    }
 #endif
 }
 
@@ -316,11 +321,11 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
             if (!given) channel_sums(z1 + a * 196 * c1, (e - a) * 196, c1, 0, sums);
         }
 #if BF16
-        else /* group by group, in cache: the grids, in bf16 (one value past the last, read with a zero
-              * weight), conv1, the sums */
+        else { /* group by group, in cache: the grids, in bf16 (one value past the last, read with a zero
+                * weight), conv1, the sums */
+            unsigned short *xb = W.scratch + k * W.per; /* bf16 (the parameter bf16 hides the type) */
             for (long b = a; b < e; b += G) {
-                const int g = e - b < G ? (int)(e - b) : G;
-                unsigned short *xb = W.scratch + k * W.per; /* bf16 (the parameter bf16 hides the type) */
+                const int g = group(b, e);
                 for (long j = b; j < b + g; j++) pad_standardised(x + j * 784, xp + j * XF * XF);
                 to_bf16_any(xp + b * XF * XF, xb, g * XF * XF);
                 xb[g * XF * XF] = 0;
@@ -329,6 +334,7 @@ int fastcnn_forward(int n, int given, int c1, int c2, int c3, const float *x, co
 #undef C1
                 if (!given) channel_sums(z1 + b * 196 * c1, g * 196L, c1, 0, sums);
             }
+        }
 #endif
     }
     if (!given) batch_stats(n, z1, 196, c1, part, mean1, var1);
@@ -415,15 +421,21 @@ static void reduce_sums(const float *parts, int C, float *tot) {
     }
 }
 
+/* A BatchNorm in training mode as the backward pass reads it: the batch's mean and variance, the
+ * inverse std, weight and bias. */
+typedef struct {
+    const float *mean, *var, *inv, *gamma, *beta;
+} BatchNorm;
+
 /* One slice (k) of a conv layer's backward pass between two BatchNorms: the output's
  * BatchNorm backward (gy_out, rows of CO, in place), the conv's (CI -> CO, input side hi,
  * output side ho; weights' gradient into d, the input grid's into the scratch grids gh), and
  * the input's ReLU mask and BatchNorm sums (gy_in, rows of CI; into sums, zeroed here). The input
- * BatchNorm (in: mean, variance, its inverse std, weight and bias) is what made h_in from z_in. */
+ * BatchNorm `in` is what made h_in from z_in. */
 INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float *h_in, const vec *wt, const void *wtb,
                        unsigned short *scr, float *gy_out, const float *z_out, const float *mean_o, const float *inv_o,
                        const float *gamma_o, const float *tot_o, float *gh, vec *d, float *gy_in, const float *z_in,
-                       const float *in[5], float *sums) {
+                       BatchNorm in, float *sums) {
     const long a = fslice(n, k), e = fslice(n, k + 1), pi = hi == 14 ? Q1 : Q2, si = pi * pi * CI;
     const long so = (long)ho * ho * CO, ri = (long)hi * hi * CI;
     memset(d, 0, 9 * CI * (CO / 16) * sizeof(vec));
@@ -436,30 +448,30 @@ INLINE void back_layer(int n, int k, int CI, int CO, int hi, int ho, const float
     conv3x3_bwd(g, CI, CO, h_in + (long)(b) * si, pi, wt, gy_out + (long)(b) * so, ho, d, gh + (long)(b) * si)
         GROUPS(a, e, BACK);
 #undef BACK
-        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, z_in + a * ri, e - a, hi, CI, pi, 1, in[0], in[2],
+        bn_back_sums(gy_in + a * ri, gh + a * si, h_in + a * si, z_in + a * ri, e - a, hi, CI, pi, 1, in.mean, in.inv,
                      sums);
     }
 #if BF16
     else { /* group by group, so that what a group reads and writes stays in cache (scr: its input
             * gradient's grids, its input grids, both fp32, the input grids paired in bf16, its output
             * gradients in bf16): the BatchNorm backward, the input grids again (as the forward made
-            * them), the bf16 operands, the conv, the mask and sums */
+            * them; their borders stay zero), the bf16 operands, the conv, the mask and sums */
         float *ghg = (float *)scr, *hg = ghg + G * si;
         unsigned *hp = (unsigned *)(hg + G * si);
         bf16 *gb = (bf16 *)(hp + (G + 1) / 2 * si);
+        zero_border(hg, G, pi, hi, CI);
         for (long b = a; b < e; b += G) {
-            const int g = e - b < G ? (int)(e - b) : G;
+            const int g = group(b, e);
             bn_back_apply(gy_out + b * so, z_out + b * so, g * ho * ho, CO, mean_o, inv_o, gamma_o, tot_o,
                           n * (float)(ho * ho));
             to_bf16(gy_out + b * so, gb, g * so);
-            zero_border(hg, g, pi, hi, CI);
-            bn_relu(z_in + b * ri, g, hi, CI, in[0], in[1], in[3], in[4], hg, pi, 1);
+            bn_relu(z_in + b * ri, g, hi, CI, in.mean, in.var, in.gamma, in.beta, hg, pi, 1);
             pair_images(hg, g, si, hp);
             memset(ghg, 0, g * si * sizeof(float));
 #define BACK(g, i) conv3x3_bwd_bf16(g, CI, CO, hp, pi, wtb, gy_out + (long)(i) * so, gb, ho, d, ghg)
             GROUPS(b, b + g, BACK);
 #undef BACK
-            bn_back_sums(gy_in + b * ri, ghg, hg, z_in + b * ri, g, hi, CI, pi, 1, in[0], in[2], sums);
+            bn_back_sums(gy_in + b * ri, ghg, hg, z_in + b * ri, g, hi, CI, pi, 1, in.mean, in.inv, sums);
         }
     }
 #endif
@@ -493,7 +505,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
     inverse_std(var1, c1, inv1);
     inverse_std(var2, c2, inv2);
     inverse_std(var3, c3, inv3);
-    const float *bn1[5] = {mean1, var1, inv1, g1, b1}, *bn2[5] = {mean2, var2, inv2, g2, b2};
+    const BatchNorm bn1 = {mean1, var1, inv1, g1, b1}, bn2 = {mean2, var2, inv2, g2, b2};
     /* BN3 */
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < FPARTS; k++) {
@@ -526,7 +538,7 @@ int fastcnn_backward(int n, int c1, int c2, int c3, const float *w1, const float
 #if BF16
         if (W.bmem) { /* group by group, the gradient staying in cache */
             for (long b = a; b < e; b += G) {
-                const long g = e - b < G ? e - b : G;
+                const int g = group(b, e);
                 bn_back_apply(gy1 + b * 196 * c1, z1 + b * 196 * c1, g * 196, c1, mean1, inv1, g1, tot1, n * 196.0f);
                 conv1_bwd_bf16(g, c1, xp + b * XF * XF, gy1 + b * 196 * c1, dk, W.scratch + k * W.per);
             }
