@@ -49,6 +49,7 @@ def test_presets_fill_the_config_and_explicit_values_win():
     ({"ema": -0.5}, r"ema must be a number in \[0, 1\)"),
     ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ({"split": "half"}, "expected one of: seed, standard, holdout"),
+    ({"precision": "fp16"}, "unknown precision 'fp16'; expected one of: fp32, bf16, auto"),
 ])
 def test_bad_recipe_values_are_rejected(kwargs, message):
     with pytest.raises(UsageError, match=message):
